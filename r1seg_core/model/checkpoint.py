@@ -1,0 +1,215 @@
+"""Checkpoint folders a user can read: config.json, safetensors weights (sharded when large), tokenizer, model card.
+
+The LLM is stored merged (its weights in the safetensors) or as a base folder path plus a PEFT adapter in
+`adapter/`. Nothing is pickled, and every problem names the file and the keys.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+
+from ..config import R1Seg3DConfig
+from ..errors import CheckpointError
+
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+ADAPTER_DIR = "adapter"
+TEXT_TOKENIZER_DIR = "text_tokenizer"
+CARD_NAME = "README.md"
+LLM_PREFIX = "language_model.llm."
+# HF config fields that describe the run, not the architecture.
+_VOLATILE_HF_KEYS = {"architectures", "transformers_version", "_name_or_path", "torch_dtype", "dtype", "output_attentions",
+                     "output_hidden_states", "return_dict", "use_cache"}
+
+
+def merged_llm_state(language_model) -> dict[str, torch.Tensor]:
+    """The LLM's weights with any LoRA adapter folded in, under the plain Hugging Face names; the model is unchanged."""
+    if not language_model.has_lora:
+        return dict(language_model.causal_lm.state_dict())
+    peft_model = language_model.llm
+    peft_model.merge_adapter()
+    try:
+        state = {}
+        for key, tensor in language_model.causal_lm.state_dict().items():
+            if "lora_" in key:
+                continue
+            state[key.replace(".base_layer.", ".")] = tensor.clone()
+    finally:
+        peft_model.unmerge_adapter()
+    return state
+
+
+def architecture_config(causal_lm) -> dict:
+    data = causal_lm.config.to_dict()
+    return {k: v for k, v in data.items() if k not in _VOLATILE_HF_KEYS}
+
+
+def save_model(model, folder: Path, merge_lora: bool = True, max_shard_bytes: int = 2 * 1024 ** 3) -> Path:
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    config = dataclasses.replace(model.config)
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("language_model.")}
+    lm = model.language_model
+    if lm is not None:
+        store_adapter = lm.has_lora and not merge_lora
+        if store_adapter and not config.language_model.path:
+            raise CheckpointError("an adapter-only checkpoint needs the base LLM folder (language_model.path); save merged instead")
+        if store_adapter:
+            lm.llm.save_pretrained(folder / ADAPTER_DIR)
+        else:
+            state.update({LLM_PREFIX + k: v for k, v in merged_llm_state(lm).items()})
+            config.language_model = dataclasses.replace(config.language_model, hf_config=architecture_config(lm.causal_lm), path=None)
+        model.tokenizer.save_pretrained(folder)
+    if model.text_encoder is not None:
+        config.text_encoder = dataclasses.replace(config.text_encoder, hf_config=architecture_config(model.text_encoder.text_model), path=None)
+        model.text_tokenizer.save_pretrained(folder / TEXT_TOKENIZER_DIR)
+    _write_weights(state, folder, max_shard_bytes, save_file)
+    config.save(folder)
+    (folder / CARD_NAME).write_text(model_card(config))
+    return folder
+
+
+def _write_weights(state: dict, folder: Path, max_shard_bytes: int, save_file) -> None:
+    # safetensors refuses tensors sharing memory (tied embeddings): each gets its own copy.
+    seen, tensors = set(), {}
+    for key, tensor in state.items():
+        tensor = tensor.detach().cpu().contiguous()
+        pointer = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
+        tensors[key] = tensor.clone() if pointer in seen else tensor
+        seen.add(pointer)
+    shards, current, size = [], {}, 0
+    for key, tensor in tensors.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if current and size + nbytes > max_shard_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[key] = tensor
+        size += nbytes
+    shards.append(current)
+    for stale in list(folder.glob("model-*-of-*.safetensors")) + [folder / WEIGHTS_NAME, folder / INDEX_NAME]:
+        stale.unlink(missing_ok=True)
+    if len(shards) == 1:
+        save_file(shards[0], str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards, 1):
+        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(folder / name), metadata={"format": "pt"})
+        weight_map.update({key: name for key in shard})
+    (folder / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
+                                                 "weight_map": weight_map}, indent=2))
+
+
+def read_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a folder's safetensors file(s); a truncated or corrupt file is named in the error."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    index = folder / INDEX_NAME
+    if index.is_file():
+        try:
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError) as error:
+            raise CheckpointError(f"{index} is not a valid safetensors index: {error}") from error
+    elif (folder / WEIGHTS_NAME).is_file():
+        files = [WEIGHTS_NAME]
+    else:
+        raise CheckpointError(f"{folder} has no weights: expected {WEIGHTS_NAME} or {INDEX_NAME}")
+    state = {}
+    for name in files:
+        path = folder / name
+        if not path.is_file():
+            raise CheckpointError(f"weight file {path} is missing (listed in {INDEX_NAME})")
+        try:
+            state.update(load_file(str(path)))
+        except (SafetensorError, OSError, ValueError) as error:
+            raise CheckpointError(f"weight file {path} is truncated or corrupt: {error}") from error
+    return state
+
+
+def check_state_dict(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor], source: str) -> None:
+    """Missing, unexpected and mis-shaped keys, listed by name (the first few of each)."""
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    mismatched = [f"{k}: file {tuple(found[k].shape)} vs model {tuple(expected[k].shape)}"
+                  for k in sorted(set(expected) & set(found)) if tuple(found[k].shape) != tuple(expected[k].shape)]
+    problems = []
+    for label, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched)):
+        if keys:
+            shown = ", ".join(keys[:8]) + (f" (+{len(keys) - 8} more)" if len(keys) > 8 else "")
+            problems.append(f"{len(keys)} {label}: {shown}")
+    if problems:
+        raise CheckpointError(f"{source} does not match its config.json: " + "; ".join(problems))
+
+
+def load_model(folder: Path, device="cpu", dtype: torch.dtype | None = None):
+    from transformers import AutoTokenizer
+
+    from .builder import build_model
+
+    if not folder.is_dir():
+        raise CheckpointError(f"model folder {folder} does not exist")
+    config = R1Seg3DConfig.load(folder)
+    tokenizer = text_tokenizer = None
+    try:
+        if config.language_model is not None:
+            tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        if config.text_encoder is not None:
+            text_tokenizer = AutoTokenizer.from_pretrained(folder / TEXT_TOKENIZER_DIR, local_files_only=True)
+    except (OSError, ValueError) as error:
+        raise CheckpointError(f"the tokenizer files in {folder} are missing or unreadable: {error}") from error
+    model = build_model(config, tokenizer=tokenizer, text_tokenizer=text_tokenizer)
+    if model.config.token_ids != config.token_ids:
+        raise CheckpointError(f"the tokenizer in {folder} gives token ids {model.config.token_ids} but config.json says "
+                              f"{config.token_ids}: tokenizer and weights do not belong together")
+    adapter = folder / ADAPTER_DIR
+    if config.language_model is not None and config.language_model.path and adapter.is_dir():
+        _load_adapter(model, adapter)
+    state = read_weights(folder)
+    expected = {k: v for k, v in model.state_dict().items()
+                if not (model.language_model is not None and model.language_model.has_lora and k.startswith("language_model."))}
+    check_state_dict(expected, state, f"the weights in {folder}")
+    model.load_state_dict(state, strict=False)
+    model.eval()
+    return model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
+
+
+def _load_adapter(model, adapter: Path) -> None:
+    from peft import PeftModel
+
+    if not (adapter / "adapter_config.json").is_file():
+        raise CheckpointError(f"{adapter} has no adapter_config.json")
+    try:
+        model.language_model.llm = PeftModel.from_pretrained(model.language_model.llm, adapter, is_trainable=False)
+    except (OSError, ValueError, RuntimeError) as error:
+        raise CheckpointError(f"the LoRA adapter in {adapter} could not be loaded: {error}") from error
+
+
+def model_card(config: R1Seg3DConfig) -> str:
+    card = config.card
+    enc = config.encoder
+    lines = [f"# {card.get('name', 'R1Seg3D model')}", ""]
+    if card.get("untrained"):
+        lines += ["**Untrained placeholder**: random weights. It runs the whole pipeline, but its masks mean nothing.", ""]
+    for key in ("description", "source", "source_commit", "converted_on", "trained_on", "licence"):
+        if card.get(key):
+            lines.append(f"- {key.replace('_', ' ')}: {card[key]}")
+    lines += [f"- window (D,H,W): {tuple(enc.image_size)}, patch {tuple(enc.patch_size)}",
+              f"- encoder: hidden {enc.hidden_size}, depth {enc.depth}, heads {enc.num_heads}",
+              f"- refinement loops: {config.refine_loops}",
+              f"- preprocessing: {config.preprocess}"]
+    if config.language_model is not None:
+        hf = config.language_model.hf_config or {}
+        lines.append(f"- language model: {hf.get('model_type', config.language_model.path)}, hidden {hf.get('hidden_size', '?')}, "
+                     f"layers {hf.get('num_hidden_layers', '?')}")
+    if config.text_encoder is not None:
+        lines.append("- SAM mode: prompted by a frozen text encoder")
+    compat = config.compatibility
+    lines.append(f"- [SEG] state: {compat.seg_state} the token; several [SEG]: "
+                 f"{'averaged into one mask' if compat.average_seg_states else 'one mask each'}; "
+                 f"visual tokens placed {compat.image_insertion.replace('_', ' ')}")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,150 @@
+"""Language model wrapper (Fig. 2, "LLM + LoRA"): any Hugging Face causal LM, with visual tokens placed by token id.
+
+The wrapper owns three things the rest of the model relies on: the added tokens (`<im_patch>`, `[SEG]`), where
+the visual tokens go in the input embeddings, and a forward that returns the last-layer hidden states (after the
+final norm, the states the LM head sees) from which the `[SEG]` embedding is picked.
+"""
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..config import LanguageModelConfig, LoraConfig
+from ..errors import CheckpointError, InvalidInputError
+from ..prompting import BOX_TOKENS, IMAGE_TOKEN, SEG_TOKEN
+
+SUPPORTED_ARCHITECTURES = ("phi3", "llama", "qwen2", "mistral")
+
+
+def build_causal_lm(config: LanguageModelConfig, dtype: torch.dtype | None = None):
+    """A causal LM from a local folder (pretrained weights) or from a config dict (random weights)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if config.path:
+        folder = Path(config.path)
+        if not (folder / "config.json").is_file():
+            raise CheckpointError(f"language model folder {folder} has no config.json")
+        hf_config = AutoConfig.from_pretrained(folder, local_files_only=True)
+        _check_architecture(hf_config.model_type)
+        return AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=dtype or torch.float32)
+    if not config.hf_config or "model_type" not in config.hf_config:
+        raise InvalidInputError("the language model needs either a local folder (path) or a config dict with model_type")
+    settings = dict(config.hf_config)
+    model_type = settings.pop("model_type")
+    _check_architecture(model_type)
+    hf_config = AutoConfig.for_model(model_type, **settings)
+    model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype or torch.float32)
+    return model
+
+
+def _check_architecture(model_type: str) -> None:
+    if model_type not in SUPPORTED_ARCHITECTURES:
+        raise InvalidInputError(
+            f"unsupported language model architecture {model_type!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+
+
+def _cache_argument(decoder) -> str:
+    """transformers 5.2x renamed the decoder's `past_key_values` argument to `cache`."""
+    return "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
+
+
+def add_special_tokens(tokenizer, causal_lm) -> int:
+    """Add `<im_patch>`, the box tokens and `[SEG]`; new embedding rows start at the mean of the old ones.
+
+    Returns how many tokens were added. The order matches the original release so ids line up.
+    """
+    vocab = tokenizer.get_vocab()
+    specials = [t for t in (IMAGE_TOKEN, *BOX_TOKENS) if t not in vocab]
+    added = tokenizer.add_special_tokens({"additional_special_tokens": specials}) if specials else 0
+    if SEG_TOKEN not in tokenizer.get_vocab():
+        added += tokenizer.add_tokens([SEG_TOKEN])
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+    old_rows = causal_lm.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) != old_rows:
+        causal_lm.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        with torch.no_grad():
+            for embeddings in (causal_lm.get_input_embeddings(), causal_lm.get_output_embeddings()):
+                if embeddings is not None and len(tokenizer) > old_rows:
+                    weight = embeddings.weight
+                    weight[old_rows:] = weight[:old_rows].mean(0, keepdim=True)
+    return added
+
+
+class LanguageModel(nn.Module):
+    def __init__(self, causal_lm, lora: LoraConfig | None = None):
+        super().__init__()
+        self.llm = causal_lm
+        self.lora = lora
+
+    @property
+    def causal_lm(self):
+        """The Hugging Face model without the PEFT wrapper (LoRA layers stay injected in it)."""
+        return self.llm.get_base_model() if self.has_lora else self.llm
+
+    @property
+    def has_lora(self) -> bool:
+        from peft import PeftModel
+        return isinstance(self.llm, PeftModel)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.causal_lm.config.hidden_size
+
+    @property
+    def embed_tokens(self) -> nn.Embedding:
+        return self.causal_lm.get_input_embeddings()
+
+    @property
+    def lm_head(self) -> nn.Module:
+        return self.causal_lm.get_output_embeddings()
+
+    def enable_lora(self, lora: LoraConfig) -> None:
+        from peft import LoraConfig as PeftLoraConfig, get_peft_model
+
+        if self.has_lora:
+            return
+        peft_config = PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias="none",
+                                     target_modules=lora.target_modules, task_type="CAUSAL_LM")
+        self.llm = get_peft_model(self.llm, peft_config)
+        self.lora = lora
+
+    def merge_lora(self) -> None:
+        """Fold the adapter into the base weights (what an inference checkpoint holds)."""
+        if self.has_lora:
+            self.llm = self.llm.merge_and_unload()
+            self.lora = None
+
+    def embed(self, input_ids: torch.Tensor, visual_tokens: torch.Tensor | None, image_token_id: int,
+              insertion: str = "by_id") -> torch.Tensor:
+        """Token embeddings with each row's N visual tokens written over its `<im_patch>` placeholders."""
+        embeds = self.embed_tokens(input_ids)
+        if visual_tokens is None:
+            return embeds
+        n = visual_tokens.shape[1]
+        visual_tokens = visual_tokens.to(embeds.dtype)
+        if insertion == "after_bos":
+            # The original assumed exactly one BOS: positions 1..N, whatever ids stand there.
+            return torch.cat([embeds[:, :1], visual_tokens, embeds[:, 1 + n:]], dim=1)
+        is_image = input_ids == image_token_id
+        counts = is_image.sum(1)
+        if (counts != n).any():
+            raise InvalidInputError(
+                f"each sequence needs exactly {n} {IMAGE_TOKEN} tokens for the visual tokens; found {counts.tolist()}")
+        embeds = embeds.clone()
+        embeds[is_image] = visual_tokens.reshape(-1, visual_tokens.shape[-1])
+        return embeds
+
+    def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                past_key_values=None, use_cache: bool = False, position_ids: torch.Tensor | None = None):
+        """Runs the decoder stack; returns (last hidden states after the final norm, cache)."""
+        decoder = self.causal_lm.get_decoder()
+        out = decoder(inputs_embeds=inputs_embeds, attention_mask=attention_mask, use_cache=use_cache,
+                      position_ids=position_ids, **{_cache_argument(decoder): past_key_values})
+        return out.last_hidden_state, getattr(out, "past_key_values", None)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()
