@@ -9,7 +9,7 @@ import torch
 from ..config import (DecoderConfig, EncoderConfig, LanguageModelConfig, R1Seg3DConfig, TextEncoderConfig)
 from ..errors import InvalidInputError
 from ..prompting import TokenIds
-from .language_model import LanguageModel, add_special_tokens, build_causal_lm
+from .language_model import LanguageModel, add_special_tokens, build_causal_lm, check_architecture
 from .r1seg3d import R1Seg3D
 from .text_encoder import TextEncoder, build_text_model
 
@@ -126,6 +126,7 @@ def _default_tokenizer(config: R1Seg3DConfig):
     lm = config.language_model
     if lm.path:
         return AutoTokenizer.from_pretrained(lm.path, local_files_only=True)
+    check_architecture(lm.hf_config.get("model_type"))
     from .tokenizer import build_project_tokenizer
     return build_project_tokenizer(lm.hf_config["model_type"])
 

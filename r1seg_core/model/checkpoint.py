@@ -154,6 +154,9 @@ def load_model(folder: Path, device="cpu", dtype: torch.dtype | None = None):
     if not folder.is_dir():
         raise CheckpointError(f"model folder {folder} does not exist")
     config = R1Seg3DConfig.load(folder)
+    if config.language_model is not None and config.language_model.path and not Path(config.language_model.path).is_absolute():
+        # A base LLM shipped inside the model folder (converted LoRA checkpoints) is named relative to the folder.
+        config.language_model.path = str(folder / config.language_model.path)
     tokenizer = text_tokenizer = None
     try:
         if config.language_model is not None:

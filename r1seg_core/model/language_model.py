@@ -28,19 +28,19 @@ def build_causal_lm(config: LanguageModelConfig, dtype: torch.dtype | None = Non
         if not (folder / "config.json").is_file():
             raise CheckpointError(f"language model folder {folder} has no config.json")
         hf_config = AutoConfig.from_pretrained(folder, local_files_only=True)
-        _check_architecture(hf_config.model_type)
+        check_architecture(hf_config.model_type)
         return AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=dtype or torch.float32)
     if not config.hf_config or "model_type" not in config.hf_config:
         raise InvalidInputError("the language model needs either a local folder (path) or a config dict with model_type")
     settings = dict(config.hf_config)
     model_type = settings.pop("model_type")
-    _check_architecture(model_type)
+    check_architecture(model_type)
     hf_config = AutoConfig.for_model(model_type, **settings)
     model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype or torch.float32)
     return model
 
 
-def _check_architecture(model_type: str) -> None:
+def check_architecture(model_type: str) -> None:
     if model_type not in SUPPORTED_ARCHITECTURES:
         raise InvalidInputError(
             f"unsupported language model architecture {model_type!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")

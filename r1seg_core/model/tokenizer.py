@@ -5,6 +5,9 @@ encodes (no unknown tokens) and the tiny models ship with a real tokenizer rathe
 """
 from __future__ import annotations
 
+import copy
+import functools
+
 from .. import prompting
 
 BPE_VOCAB_SIZE = 1024
@@ -30,6 +33,12 @@ def training_corpus() -> list[str]:
 
 
 def build_project_tokenizer(family: str):
+    """A fresh copy each call: callers add tokens to it."""
+    return copy.deepcopy(_trained_tokenizer(family))
+
+
+@functools.lru_cache(maxsize=None)
+def _trained_tokenizer(family: str):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 

@@ -1,0 +1,662 @@
+"""R1Seg3D: ask questions about a CT in plain language and get the answer as text and segments.
+
+Module, thin chat widget, Logic and a Slicer self-test. The scene work lives in
+R1Seg3DSlicerLib/scene.py, the panel's rules in chat.py, the background thread in worker.py and
+the bridge to the engine (r1seg_core) in engine.py; this file wires them to Qt and to the
+parameter node. Nothing heavy is imported at module import time: torch and r1seg_core load only
+when the first question is sent, after the user agreed to install what is missing.
+"""
+
+import enum
+import importlib.util
+import logging
+import os
+import re
+import tempfile
+from typing import Annotated
+
+import ctk
+import qt
+import vtk
+
+import slicer
+from slicer import vtkMRMLScalarVolumeNode
+from slicer.i18n import tr as _
+from slicer.i18n import translate
+from slicer.parameterNodeWrapper import WithinRange, parameterNodeWrapper
+from slicer.ScriptedLoadableModule import (
+    ScriptedLoadableModule,
+    ScriptedLoadableModuleLogic,
+    ScriptedLoadableModuleTest,
+    ScriptedLoadableModuleWidget,
+)
+from slicer.util import VTKObservationMixin
+
+from R1Seg3DSlicerLib import chat, engine, scene, worker
+
+# Packages Slicer itself ships. Installing the engine's requirements must never replace them: a
+# foreign SimpleITK breaks Slicer's IO, another numpy breaks compiled extensions, and torch must
+# come from the PyTorch extension, which matches it to the GPU driver.
+SLICER_OWNED_PACKAGES = ["numpy", "SimpleITK", "torch", "requests"]
+TORCH_REQUIREMENT = ">=2.1"
+REQUIREMENTS_PATH = os.path.join(os.path.dirname(__file__), "Resources", "requirements.txt")
+
+
+class R1Seg3DSlicer(ScriptedLoadableModule):
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = _("R1Seg3D")
+        self.parent.categories = [translate("qSlicerAbstractCoreModule", "Segmentation")]
+        self.parent.dependencies = []
+        self.parent.contributors = ["R1Seg3D project contributors"]
+        self.parent.helpText = _(
+            "Reasoning segmentation of CT. Select a CT volume, type a question such as"
+            " <i>segment the liver</i> or <i>the pair of bean-shaped organs that filter blood</i>, and"
+            " press Enter. The answer appears in the conversation and every structure it found is added"
+            " as a segment of the volume's R1Seg3D segmentation. Follow-up questions keep the context."
+            " See the <a href='https://github.com/lihaoqin168/R1Seg-3D'>R1Seg-3D method</a>."
+        )
+        self.parent.acknowledgementText = _(
+            "Implements the method of Hao et al., <i>R1Seg-3D: Rethinking Reasoning Segmentation for"
+            " Medical 3D CTs</i>, MICCAI. Please cite the paper when you use this module."
+        )
+
+
+class DeviceChoice(enum.Enum):
+    AUTO = "auto"
+    CPU = "cpu"
+    GPU = "cuda"
+
+    def label(self):
+        return {"auto": _("Auto (GPU if available)"), "cpu": _("CPU"), "cuda": _("GPU (CUDA)")}[self.value]
+
+
+@parameterNodeWrapper
+class R1Seg3DSlicerParameterNode:
+    """
+    inputVolume      the CT the questions are about
+    modelFolder      model to load; empty means the project's default model
+    device           where the model runs
+    useModelDefaults ignore the two settings below and use what the model was tuned with
+    refinementLoops  extra mask-refinement passes (0-3)
+    windowOverlap    fraction of overlap between sliding windows
+    """
+
+    inputVolume: vtkMRMLScalarVolumeNode
+    modelFolder: str = ""
+    device: DeviceChoice = DeviceChoice.AUTO
+    useModelDefaults: bool = True
+    refinementLoops: Annotated[int, WithinRange(0, 3)] = 1
+    windowOverlap: Annotated[float, WithinRange(0.0, 0.9)] = 0.5
+
+
+class R1Seg3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    POLL_INTERVAL_MS = 100
+
+    def __init__(self, parent=None) -> None:
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = None
+        self.chat = chat.ChatSession()
+        self._parameterNode = None
+        self._parameterNodeGuiTag = None
+        self._questionVolumeNodeId = None
+        self._shownTranscript = None
+        self._notice = ""  # a one-off status message (e.g. "Select a CT volume first.")
+
+    # ---- construction --------------------------------------------------------------------
+
+    def setup(self) -> None:
+        ScriptedLoadableModuleWidget.setup(self)
+        self.logic = R1Seg3DSlicerLogic()
+        self._buildInputSection()
+        self._buildConversationSection()
+        self._buildAdvancedSection()
+
+        self.pollTimer = qt.QTimer()
+        self.pollTimer.setInterval(self.POLL_INTERVAL_MS)
+        self.pollTimer.connect("timeout()", self.onPollWorker)
+
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.NodeRemovedEvent, self.onNodeRemoved)
+
+        self.initializeParameterNode()
+        self.refresh()
+
+    def _buildInputSection(self):
+        self.volumeSelector = slicer.qMRMLNodeComboBox()
+        self.volumeSelector.nodeTypes = ["vtkMRMLScalarVolumeNode"]
+        self.volumeSelector.showChildNodeTypes = False  # no labelmaps
+        self.volumeSelector.noneEnabled = True
+        self.volumeSelector.addEnabled = False
+        self.volumeSelector.removeEnabled = False
+        self.volumeSelector.setMRMLScene(slicer.mrmlScene)
+        self.volumeSelector.toolTip = _("The CT volume the questions are about.")
+        form = qt.QFormLayout()
+        form.addRow(_("CT volume:"), self.volumeSelector)
+        self.layout.addLayout(form)
+
+    def _buildConversationSection(self):
+        self.transcriptView = qt.QTextBrowser()
+        self.transcriptView.setOpenLinks(False)  # links are actions, handled in onTranscriptLink
+        self.transcriptView.setMinimumHeight(260)
+        self.transcriptView.connect("anchorClicked(QUrl)", self.onTranscriptLink)
+        self.layout.addWidget(self.transcriptView)
+
+        self.questionEdit = qt.QLineEdit()
+        self.questionEdit.placeholderText = _("Ask about the CT, e.g. segment the left kidney")
+        self.questionEdit.connect("returnPressed()", self.onSendOrCancel)
+        self.questionEdit.connect("textChanged(QString)", lambda text: self.showNotice(""))
+        self.sendButton = qt.QPushButton(_("Send"))
+        self.sendButton.connect("clicked(bool)", lambda checked: self.onSendOrCancel())
+        questionRow = qt.QHBoxLayout()
+        questionRow.addWidget(self.questionEdit, 1)
+        questionRow.addWidget(self.sendButton)
+        self.layout.addLayout(questionRow)
+
+        self.statusLabel = qt.QLabel()
+        self.statusLabel.wordWrap = True
+        self.progressBar = qt.QProgressBar()
+        self.progressBar.setRange(0, 1000)
+        self.progressBar.textVisible = False
+        self.layout.addWidget(self.statusLabel)
+        self.layout.addWidget(self.progressBar)
+
+    def _buildAdvancedSection(self):
+        advanced = ctk.ctkCollapsibleButton()
+        advanced.text = _("Advanced")
+        advanced.collapsed = True
+        self.layout.addWidget(advanced)
+        form = qt.QFormLayout(advanced)
+
+        self.modelFolderEdit = ctk.ctkPathLineEdit()
+        self.modelFolderEdit.filters = ctk.ctkPathLineEdit.Dirs
+        self.modelFolderEdit.toolTip = _("Folder of the model to use. Leave empty for the project's default model.")
+        self.modelFolderEdit.connect("currentPathChanged(QString)", self.onModelFolderEdited)
+        form.addRow(_("Model folder:"), self.modelFolderEdit)
+
+        self.deviceCombo = qt.QComboBox()
+        self.deviceCombo.toolTip = _("Where the model runs. Auto uses the GPU when PyTorch sees one.")
+        form.addRow(_("Device:"), self.deviceCombo)
+
+        self.useModelDefaultsCheckBox = qt.QCheckBox(_("Use the model's defaults"))
+        form.addRow(self.useModelDefaultsCheckBox)
+        self.loopsSpinBox = qt.QSpinBox()
+        self.loopsSpinBox.toolTip = _("Extra passes that refine the mask; more is slower.")
+        form.addRow(_("Refinement loops:"), self.loopsSpinBox)
+        self.overlapSpinBox = qt.QDoubleSpinBox()
+        self.overlapSpinBox.singleStep = 0.05
+        self.overlapSpinBox.decimals = 2
+        self.overlapSpinBox.toolTip = _("Overlap of neighbouring sliding windows; more is smoother and slower.")
+        form.addRow(_("Window overlap:"), self.overlapSpinBox)
+
+        self.clearButton = qt.QPushButton(_("Clear conversation"))
+        self.clearButton.toolTip = _("Forget earlier questions. Segments already added stay in the scene.")
+        self.clearButton.connect("clicked(bool)", lambda checked: self.onClearConversation())
+        form.addRow(self.clearButton)
+
+    def cleanup(self) -> None:
+        self.pollTimer.stop()
+        self.removeObservers()
+        self.logic.shutdown()
+
+    # ---- parameter node (template pattern) -----------------------------------------------
+
+    def enter(self) -> None:
+        self.initializeParameterNode()
+
+    def exit(self) -> None:
+        self.setParameterNode(None)
+
+    def onSceneStartClose(self, caller, event) -> None:
+        # The scene and every segment die with it: stop the question and start a new conversation.
+        if self.chat.state is not chat.ChatState.IDLE:
+            self.logic.cancel()
+            self.chat.mark_cancelled()
+            self.pollTimer.stop()
+        self.chat.clear()
+        self.logic.clearConversation()
+        self.setParameterNode(None)
+        self.refresh()
+
+    def onSceneEndClose(self, caller, event) -> None:
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+        self.refresh()
+
+    @vtk.calldata_type(vtk.VTK_OBJECT)
+    def onNodeRemoved(self, caller, event, node) -> None:
+        if node.IsA("vtkMRMLSegmentationNode"):
+            self.chat.forget_segmentation(node.GetID())
+            self.refresh()
+
+    def initializeParameterNode(self) -> None:
+        self.setParameterNode(self.logic.getParameterNode())
+        if not self._parameterNode.inputVolume:
+            firstVolume = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+            if firstVolume and not firstVolume.IsA("vtkMRMLLabelMapVolumeNode"):
+                self._parameterNode.inputVolume = firstVolume
+
+    def setParameterNode(self, parameterNode) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterNodeModified)
+        self._parameterNode = parameterNode
+        if self._parameterNode:
+            self._parameterNodeGuiTag = self._parameterNode.connectParametersToGui(
+                {
+                    "inputVolume": self.volumeSelector,
+                    "device": self.deviceCombo,
+                    "useModelDefaults": self.useModelDefaultsCheckBox,
+                    "refinementLoops": self.loopsSpinBox,
+                    "windowOverlap": self.overlapSpinBox,
+                }
+            )
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterNodeModified)
+        self.onParameterNodeModified()
+
+    def onParameterNodeModified(self, caller=None, event=None) -> None:
+        # ctkPathLineEdit has no parameter-node connector for a str, so the folder is synced here.
+        if self._parameterNode and self.modelFolderEdit.currentPath != self._parameterNode.modelFolder:
+            self.modelFolderEdit.currentPath = self._parameterNode.modelFolder
+        self.refresh()
+
+    def onModelFolderEdited(self, path) -> None:
+        if self._parameterNode and self._parameterNode.modelFolder != path:
+            self._parameterNode.modelFolder = path
+
+    # ---- chat ----------------------------------------------------------------------------
+
+    def onSendOrCancel(self) -> None:
+        if self.chat.state is chat.ChatState.IDLE:
+            self.sendQuestion()
+        elif self.chat.request_cancel():
+            self.logic.cancel()
+        self.refresh()
+
+    def sendQuestion(self) -> None:
+        question = self.questionEdit.text.strip()
+        volumeNode = self._parameterNode.inputVolume if self._parameterNode else None
+        if not question:
+            return
+        if volumeNode is None:
+            self.showNotice(_("Select a CT volume first."))
+            return
+        if self.logic.busy:
+            self.showNotice(_("The previous question is still stopping; try again in a moment."))
+            return
+        if not self.logic.ensureEngineInstalled(interactive=True):
+            self.showNotice(_("R1Seg3D cannot run until its Python packages are installed."))
+            return
+        self._notice = ""
+
+        self.chat.send(question, volumeNode.GetName())
+        self.questionEdit.clear()
+        self._questionVolumeNodeId = volumeNode.GetID()
+        try:
+            self.logic.startQuestion(volumeNode, question, self.logic.askOptions(self._parameterNode))
+        except Exception as error:
+            logging.exception("R1Seg3D could not start the question")
+            self.chat.fail(engine.describe_error(error))
+        else:
+            self.pollTimer.start()
+
+    def onPollWorker(self) -> None:
+        for event in self.logic.pollEvents():
+            if isinstance(event, worker.ProgressEvent):
+                self.chat.report_progress(event.done, event.total, event.stage)
+            elif isinstance(event, worker.FinishedEvent) and self.chat.state is chat.ChatState.CANCELLING:
+                self.chat.mark_cancelled()  # Cancel was clicked after the answer came in: add nothing
+            elif isinstance(event, worker.FinishedEvent):
+                self._writeAnswer(event.result)
+            elif isinstance(event, worker.FailedEvent):
+                logging.error("R1Seg3D question failed:\n" + event.traceback_text)
+                self.chat.fail(engine.describe_error(event.error))
+            elif isinstance(event, worker.CancelledEvent):
+                self.chat.mark_cancelled()
+        if self.chat.state is chat.ChatState.IDLE:
+            self.pollTimer.stop()
+        self.refresh()
+
+    def _writeAnswer(self, result) -> None:
+        volumeNode = slicer.mrmlScene.GetNodeByID(self._questionVolumeNodeId)
+        if volumeNode is None:
+            self.chat.fail(_("The volume was removed while the question ran; nothing was added."))
+            return
+        try:
+            with slicer.util.RenderBlocker():
+                change, found = self.logic.writeAnswer(volumeNode, result)
+        except Exception as error:
+            logging.exception("R1Seg3D could not write the answer")
+            self.chat.fail(engine.describe_error(error), notes=result.notes)
+            return
+        self.chat.complete(result.answer, result.present, found, result.notes, result.device, change)
+
+    def onTranscriptLink(self, url) -> None:
+        link = chat.parse_link(url.toString())
+        if link is None:
+            return
+        turn = self.chat.turns[link.turn_index]
+        if link.action == "undo":
+            if turn.can_undo:
+                scene.revert_change(slicer.mrmlScene, turn.undo_token)
+                self.chat.mark_undone(link.turn_index)
+            self.refresh()
+            return
+        target = turn.targets[link.target_index]
+        segmentationNode = slicer.mrmlScene.GetNodeByID(target.segmentation_node_id or "")
+        if (
+            segmentationNode is None
+            or segmentationNode.GetSegmentation().GetSegment(target.segment_id or "") is None
+        ):
+            self.showNotice(_("That segment is no longer in the scene."))
+            return
+        if link.action == "toggle":
+            visible = not scene.segment_visibility(segmentationNode, target.segment_id)
+            scene.set_segment_visibility(segmentationNode, target.segment_id, visible)
+            self.chat.set_visibility(link.turn_index, link.target_index, visible)
+        else:
+            scene.center_views_on_segment(segmentationNode, target.segment_id)
+        self.refresh()
+
+    def onClearConversation(self) -> None:
+        if self.chat.state is chat.ChatState.IDLE:
+            self.chat.clear()
+            self.logic.clearConversation()
+        self.refresh()
+
+    # ---- drawing -------------------------------------------------------------------------
+
+    def showNotice(self, text) -> None:
+        self._notice = text
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Redraw everything from the chat state and the parameter node."""
+        idle = self.chat.state is chat.ChatState.IDLE
+        hasVolume = bool(self._parameterNode and self._parameterNode.inputVolume)
+
+        self.sendButton.text = self.chat.send_button_text
+        self.sendButton.enabled = self.chat.send_button_enabled and (
+            not idle or (hasVolume and bool(self.questionEdit.text.strip()))
+        )
+        self.questionEdit.enabled = self.chat.question_editable
+        self.volumeSelector.enabled = idle
+        self.clearButton.enabled = idle and bool(self.chat.turns)
+        useDefaults = bool(self._parameterNode and self._parameterNode.useModelDefaults)
+        self.loopsSpinBox.enabled = not useDefaults
+        self.overlapSpinBox.enabled = not useDefaults
+
+        self.statusLabel.text = self._notice or self.chat.status_text
+        progress = self.chat.progress
+        self.progressBar.visible = not idle
+        if progress is None or progress.fraction is None:
+            self.progressBar.setRange(0, 0)  # busy indicator until the first window reports
+        else:
+            self.progressBar.setRange(0, 1000)
+            self.progressBar.value = int(progress.fraction * 1000)
+
+        transcript = self.chat.transcript_html()
+        if transcript != self._shownTranscript:
+            self.transcriptView.setHtml(transcript)
+            scrollBar = self.transcriptView.verticalScrollBar()
+            scrollBar.setValue(scrollBar.maximum)
+            self._shownTranscript = transcript
+
+
+class R1Seg3DSlicerLogic(ScriptedLoadableModuleLogic):
+    """Everything the panel does, callable from the Python console and scripts without the widget.
+
+    Blocking use:      logic.process(volumeNode, "segment the liver")
+    Background use:    logic.startQuestion(...), then logic.pollEvents() from a timer.
+    """
+
+    def __init__(self, session=None) -> None:
+        ScriptedLoadableModuleLogic.__init__(self)
+        self.session = session or engine.R1SegSession()
+        self._runner = None
+        self._activeJobId = None
+
+    def getParameterNode(self):
+        return R1Seg3DSlicerParameterNode(super().getParameterNode())
+
+    @staticmethod
+    def askOptions(parameterNode) -> engine.AskOptions:
+        useDefaults = parameterNode.useModelDefaults
+        return engine.AskOptions(
+            model_dir=parameterNode.modelFolder or None,
+            device=parameterNode.device.value,
+            overlap=None if useDefaults else parameterNode.windowOverlap,
+            loops=None if useDefaults else parameterNode.refinementLoops,
+        )
+
+    # ---- dependencies --------------------------------------------------------------------
+
+    def ensureEngineInstalled(self, interactive: bool = True) -> bool:
+        """True when r1seg_core, torch and the engine's packages are importable; installs what is
+        missing only after the user agreed (never at import, never silently)."""
+        if importlib.util.find_spec("r1seg_core") is None:
+            self._tell(interactive, _("The R1Seg3D engine (r1seg_core) is missing from this installation."
+                                      " Reinstall the R1Seg3D extension."))
+            return False
+        if importlib.util.find_spec("torch") is None and not self._installTorch(interactive):
+            return False
+        return self._installEngineRequirements(interactive)
+
+    def _tell(self, interactive, message):
+        logging.error(message)
+        if interactive:
+            slicer.util.errorDisplay(message)
+
+    def _installTorch(self, interactive) -> bool:
+        try:
+            import PyTorchUtils
+        except ImportError:
+            self._tell(interactive, _("R1Seg3D needs PyTorch. Install the 'PyTorch' extension from the"
+                                      " Extensions Manager, restart Slicer and ask again."))
+            return False
+        if not interactive:
+            return False
+        torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(
+            askConfirmation=True, torchVersionRequirement=TORCH_REQUIREMENT
+        )
+        return torch is not None
+
+    @staticmethod
+    def _requirementLines():
+        with open(REQUIREMENTS_PATH, encoding="utf-8") as requirementsFile:
+            lines = [line.split("#", 1)[0].strip() for line in requirementsFile]
+        return [line for line in lines if line]
+
+    def _installEngineRequirements(self, interactive) -> bool:
+        packaging = _slicerPackaging()
+        if packaging is not None:
+            requirements = packaging.load_requirements(REQUIREMENTS_PATH)
+            if not interactive:
+                return all(packaging.pip_check(requirement) for requirement in requirements)
+            try:
+                packaging.pip_ensure(requirements, requester="R1Seg3D", skip_packages=SLICER_OWNED_PACKAGES)
+            except RuntimeError:  # the user said no
+                return False
+            return True
+
+        # Slicer older than 5.12: no pip_ensure. Check by name only, ask, then install with a
+        # constraints file that pins Slicer's own packages to the versions it ships.
+        from importlib import metadata
+
+        missing = []
+        for line in self._requirementLines():
+            name = re.match(r"[A-Za-z0-9._-]+", line).group(0)
+            try:
+                metadata.version(name)
+            except metadata.PackageNotFoundError:
+                missing.append(line)
+        if not missing:
+            return True
+        if not interactive or not slicer.util.confirmOkCancelDisplay(
+            _("R1Seg3D needs these Python packages. Install them now? This changes Slicer's Python"
+              " environment and may take several minutes."),
+            detailedText="\n".join(missing),
+        ):
+            return False
+        pins = []
+        for name in SLICER_OWNED_PACKAGES:
+            try:
+                pins.append(f"{name}=={metadata.version(name)}")
+            except metadata.PackageNotFoundError:
+                continue
+        with tempfile.NamedTemporaryFile("w", suffix="-constraints.txt", delete=False) as constraints:
+            constraints.write("\n".join(pins) + "\n")
+        try:
+            slicer.util.pip_install(missing + ["-c", constraints.name])
+        finally:
+            os.remove(constraints.name)
+        return True
+
+    # ---- questions -----------------------------------------------------------------------
+
+    def process(self, volumeNode, question: str, options: engine.AskOptions = engine.AskOptions(), progress=None):
+        """Ask and write, blocking, with the model on this thread; returns (result, change, targets)."""
+        return self.session.process(volumeNode, question, options, progress=progress)
+
+    def startQuestion(self, volumeNode, question: str, options: engine.AskOptions) -> int:
+        """Read the volume here (main thread), run the model on the worker thread."""
+        volume = self.session.volume_from_node(volumeNode)
+        volumeNodeId = volumeNode.GetID()
+        if self._runner is None:
+            self._runner = worker.BackgroundRunner()
+
+        def job(progress, cancelEvent):
+            conversation = self.session.conversation_for(volumeNodeId)
+            return self.session.ask(volume, question, options, conversation, progress=progress, cancel=cancelEvent)
+
+        self._activeJobId = self._runner.submit(job)
+        return self._activeJobId
+
+    @property
+    def busy(self) -> bool:
+        """A question (possibly one being cancelled) still occupies the worker."""
+        return self._runner is not None and self._runner.busy
+
+    def pollEvents(self) -> list:
+        """Events of the current question only; a question abandoned by a scene close is ignored."""
+        if self._runner is None:
+            return []
+        events = [event for event in self._runner.poll() if event.job_id == self._activeJobId]
+        if any(isinstance(event, worker.TERMINAL_EVENTS) for event in events):
+            self._activeJobId = None
+        return events
+
+    def cancel(self) -> None:
+        if self._runner is not None:
+            self._runner.cancel()
+
+    def writeAnswer(self, volumeNode, result):
+        return self.session.write_answer(volumeNode, result)
+
+    def clearConversation(self) -> None:
+        self.session.clear_conversation()
+
+    def shutdown(self) -> None:
+        if self._runner is not None:
+            self._runner.shutdown()
+            self._runner = None
+
+
+def _slicerPackaging():
+    """`slicer.packaging` when this Slicer has pip_ensure (5.12 and later), else None."""
+    if (slicer.app.majorVersion, slicer.app.minorVersion) < (5, 12):
+        return None
+    try:
+        import slicer.packaging as packaging
+    except ImportError:
+        return None
+    if all(hasattr(packaging, name) for name in ("pip_ensure", "pip_check", "load_requirements")):
+        return packaging
+    return None
+
+
+class R1Seg3DSlicerTest(ScriptedLoadableModuleTest):
+    """Runs inside Slicer (Reload and Test, or CTest). The model is replaced by a scripted stand-in:
+    factory machines have no GPU and no weights, and the point here is the scene and the threading."""
+
+    def setUp(self):
+        slicer.mrmlScene.Clear()
+
+    def runTest(self):
+        self.setUp()
+        self.test_AnswerBecomesSegments()
+        self.setUp()
+        self.test_BackgroundQuestionAndCancel()
+
+    def _obliqueVolume(self):
+        import numpy as np
+
+        angle = np.deg2rad(25.0)
+        direction = np.array(
+            [[np.cos(angle), -np.sin(angle), 0.0], [np.sin(angle), np.cos(angle), 0.0], [0.0, 0.0, 1.0]]
+        )
+        voxels = np.zeros((12, 20, 24), dtype=np.int16)
+        return scene.add_volume_node(slicer.mrmlScene, voxels, (0.8, 0.7, 2.5), (10.0, -5.0, 30.0), direction, "ct")
+
+    def _fakeSession(self, answerDelay=0.0):
+        import threading
+        from types import SimpleNamespace
+
+        import numpy as np
+
+        class ScriptedPredictor:
+            def ask(self, volume, question, *, conversation=None, overlap=None, loops=None, progress=None, cancel=None):
+                mask = np.zeros(volume.array.shape, dtype=np.uint8)
+                mask[3:8, 5:12, 6:15] = 1
+                for window in range(10):
+                    if progress:
+                        progress(window + 1, 10, "Segmenting")
+                    if cancel is not None and cancel.is_set():
+                        raise RuntimeError("cancelled")
+                    threading.Event().wait(answerDelay)
+                target = SimpleNamespace(name="liver", mask=mask, probability=None, volume_ml=1.0, voxel_count=int(mask.sum()))
+                return SimpleNamespace(answer="The liver is segmented.", present=True, targets=[target], timings={}, notes=[], device="cpu")
+
+        # No conversation object either: importing the engine's inference package needs torch, which
+        # the test machines do not have.
+        return engine.R1SegSession(
+            predictor_factory=lambda folder, device: ScriptedPredictor(),
+            vocabulary_loader=lambda: None,
+            conversation_factory=lambda: None,
+        )
+
+    def test_AnswerBecomesSegments(self):
+        volumeNode = self._obliqueVolume()
+        logic = R1Seg3DSlicerLogic(session=self._fakeSession())
+        result, change, found = logic.process(volumeNode, "segment the liver")
+        self.assertEqual(found[0].name, "liver")
+        _, secondChange, secondFound = logic.process(volumeNode, "segment the liver again")
+        self.assertEqual(secondFound[0].name, "liver (2)")
+        self.assertEqual(change.segmentation_node_id, secondChange.segmentation_node_id)
+        segmentationNode = slicer.mrmlScene.GetNodeByID(change.segmentation_node_id)
+        mask = scene.segment_mask(segmentationNode, change.segment_ids[0], volumeNode)
+        self.assertTrue((mask == result.targets[0].mask).all())
+        scene.revert_change(slicer.mrmlScene, secondChange)
+        self.assertEqual(segmentationNode.GetSegmentation().GetNumberOfSegments(), 1)
+
+    def test_BackgroundQuestionAndCancel(self):
+        import time
+
+        volumeNode = self._obliqueVolume()
+        logic = R1Seg3DSlicerLogic(session=self._fakeSession(answerDelay=0.2))
+        try:
+            logic.startQuestion(volumeNode, "segment the liver", engine.AskOptions(device="cpu"))
+            time.sleep(0.3)
+            logic.cancel()
+            deadline = time.monotonic() + 5.0
+            events = []
+            while not any(isinstance(e, worker.TERMINAL_EVENTS) for e in events) and time.monotonic() < deadline:
+                slicer.app.processEvents()
+                events += logic.pollEvents()
+                time.sleep(0.05)
+            self.assertIsInstance(events[-1], worker.CancelledEvent)
+            self.assertIsNone(slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLSegmentationNode"))
+        finally:
+            logic.shutdown()

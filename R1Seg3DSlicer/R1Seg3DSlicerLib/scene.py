@@ -1,0 +1,476 @@
+"""Everything R1Seg3D does to an MRML scene, with nothing but slicer, vtk and numpy.
+
+The engine never sees a node and this file never sees the engine: the logic reads a volume node
+into plain arrays here, hands them to the engine, and brings the answer back as `SegmentSpec`s.
+That keeps the scene code testable with the PyPI `slicer-core` wheel (no Qt, no application) and
+lets the same calls run inside Slicer, from `batch.py`, and in pytest.
+
+Coordinate conventions
+    Slicer stores a volume's geometry as IJKToRAS. The engine's `Volume` uses ITK's LPS
+    convention (origin in LPS mm, direction columns = LPS direction of the array axes i, j, k).
+    LPS and RAS differ only in the signs of the first two world axes, so the conversion is the
+    diagonal matrix diag(-1, -1, 1) applied on the left, in both directions.
+    Arrays are indexed (k, j, i), exactly like `slicer.util.arrayFromVolume`.
+
+Geometry is always the volume's *local* geometry (before any parent transform). The model sees
+the image as it was acquired, and the segmentation is placed under the same parent transform, so
+segments follow the volume wherever a registration moves it.
+
+Undo
+    Each question's changes are a `SceneChange`; `revert_change` removes exactly the segments (and
+    the segmentation node, if that question created it) and works everywhere, headless included.
+    When the scene's own undo is switched on (it is off by default in Slicer;
+    `slicer.mrmlScene.SetUndoOn()`), `write_segments` also saves one scene undo state before
+    touching anything and lets the segmentation take part in undo, so Ctrl+Z takes the whole
+    answer back in one step. Headless, `vtkMRMLScene.Undo()` does the same (tested).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import vtk
+from vtk.util import numpy_support
+
+import slicer
+
+# Flips the first two world axes: RAS <-> LPS (its own inverse).
+_RAS_FROM_LPS = np.diag([-1.0, -1.0, 1.0])
+
+# The volume points at the segmentation that holds R1Seg3D's answers for it. A node reference
+# (rather than a name or an attribute holding an ID) survives scene save/load and ID remapping.
+SEGMENTATION_REFERENCE_ROLE = "R1Seg3DSegmentation"
+SEGMENTATION_NAME_SUFFIX = " R1Seg3D"
+
+# Slicer 5.x terminology contexts used when serialising an entry; the codes themselves are SNOMED CT
+# and come from the project vocabulary, so the context names only tell Slicer where to look for
+# display names and do not need to contain the codes.
+TERMINOLOGY_CONTEXT = "Segmentation category and type - DICOM master list"
+ANATOMIC_CONTEXT = "Anatomic codes - DICOM master list"
+
+# A segment that the vocabulary does not know gets this colour (Slicer's own "unknown" grey is
+# (127, 127, 127), which is too close to CT soft tissue to see).
+FALLBACK_COLOR = (230, 159, 0)
+
+
+@dataclass(frozen=True)
+class VolumeData:
+    """A volume node's voxels and geometry in the engine's conventions (see the module docstring)."""
+
+    array: np.ndarray
+    spacing: tuple[float, float, float]
+    origin: tuple[float, float, float]
+    direction: np.ndarray
+    name: str
+
+
+@dataclass(frozen=True)
+class Code:
+    """One coded concept, e.g. Code("SCT", "64033007", "Kidney")."""
+
+    scheme: str
+    value: str
+    meaning: str
+
+
+@dataclass(frozen=True)
+class SegmentTerminology:
+    category: Code
+    type: Code
+    type_modifier: Code | None = None
+
+
+@dataclass(frozen=True)
+class SegmentSpec:
+    """One segment to add: `mask` is (k, j, i) on the volume's grid, non-zero inside."""
+
+    name: str
+    mask: np.ndarray
+    color: tuple[int, int, int] = FALLBACK_COLOR
+    terminology: SegmentTerminology | None = None
+
+
+@dataclass(frozen=True)
+class SceneChange:
+    """What one `write_segments` call added, so that it can be shown, revisited and reverted."""
+
+    segmentation_node_id: str
+    created_segmentation: bool
+    segment_ids: tuple[str, ...]
+    segment_names: tuple[str, ...] = field(default=())
+
+
+# --------------------------------------------------------------------------------------------
+# Headless scene (tests and batch.py under plain Python)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class HeadlessScene:
+    """A scene with the module logics that Slicer's application would otherwise register.
+
+    The logics are kept as attributes because the scene only holds weak references to them.
+    """
+
+    scene: object
+    application_logic: object
+    colors_logic: object
+    volumes_logic: object
+    segmentations_logic: object
+    subject_hierarchy_logic: object
+
+
+def create_headless_scene() -> HeadlessScene:
+    """Build an MRML scene outside the Slicer application (slicer-core wheel, or `PythonSlicer`).
+
+    Registering the Segmentations logic is what registers the segmentation converter rules;
+    without them `AddEmptySegment` fails with "Unable to construct empty representation type".
+    The Colors logic is registered first so that volume display nodes find their colour tables.
+    """
+    scene = slicer.vtkMRMLScene()
+    application_logic = slicer.vtkSlicerApplicationLogic()
+    application_logic.SetMRMLScene(scene)
+
+    def register(name, logic):
+        logic.SetMRMLScene(scene)
+        logic.SetMRMLApplicationLogic(application_logic)
+        application_logic.SetModuleLogic(name, logic)
+        return logic
+
+    colors = register("Colors", slicer.vtkMRMLColorLogic())
+    volumes = register("Volumes", slicer.vtkSlicerVolumesLogic())
+    segmentations = register("Segmentations", slicer.vtkSlicerSegmentationsModuleLogic())
+    subject_hierarchy = register("SubjectHierarchy", slicer.vtkSlicerSubjectHierarchyModuleLogic())
+    return HeadlessScene(scene, application_logic, colors, volumes, segmentations, subject_hierarchy)
+
+
+def _ensure_segmentation_converter_rules() -> None:
+    """Register the labelmap/surface converter rules when nothing has (a bare vtkMRMLScene).
+
+    Inside Slicer the Segmentations module did it at startup, so this is a no-op there.
+    """
+    factory = slicer.vtkSegmentationConverterFactory.GetInstance()
+    if factory.ConstructRepresentationObjectByRepresentation(
+        slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName()
+    ):
+        return
+    factory.RegisterConverterRule(slicer.vtkBinaryLabelmapToClosedSurfaceConversionRule())
+    factory.RegisterConverterRule(slicer.vtkClosedSurfaceToBinaryLabelmapConversionRule())
+
+
+# --------------------------------------------------------------------------------------------
+# Volume node <-> arrays
+# --------------------------------------------------------------------------------------------
+
+
+def _ijk_to_ras(volume_node) -> np.ndarray:
+    matrix = vtk.vtkMatrix4x4()
+    volume_node.GetIJKToRASMatrix(matrix)
+    return np.array([[matrix.GetElement(row, col) for col in range(4)] for row in range(4)])
+
+
+def _grid_dimensions(volume_node) -> tuple[int, int, int]:
+    image = volume_node.GetImageData()
+    if image is None:
+        raise ValueError(f"Volume '{volume_node.GetName()}' has no voxels.")
+    return image.GetDimensions()
+
+
+def volume_grid_shape(volume_node) -> tuple[int, int, int]:
+    """The (k, j, i) shape every mask written for this volume must have."""
+    i, j, k = _grid_dimensions(volume_node)
+    return (k, j, i)
+
+
+def volume_data_from_node(volume_node) -> VolumeData:
+    """Copy a scalar volume node's voxels and geometry out of the scene.
+
+    The copy is deliberate: the engine runs on a worker thread and must not read VTK memory that
+    the main thread may modify or free while it runs.
+    """
+    image = volume_node.GetImageData()
+    if image is None:
+        raise ValueError(f"Volume '{volume_node.GetName()}' has no voxels.")
+    if image.GetNumberOfScalarComponents() != 1:
+        raise ValueError(
+            f"Volume '{volume_node.GetName()}' has {image.GetNumberOfScalarComponents()} components per voxel;"
+            " R1Seg3D needs a single-channel CT volume."
+        )
+    scalars = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())
+    array = scalars.reshape(volume_grid_shape(volume_node)).copy()
+
+    ijk_to_ras = _ijk_to_ras(volume_node)
+    spacing = tuple(float(s) for s in volume_node.GetSpacing())
+    direction_ras = ijk_to_ras[:3, :3] / np.asarray(spacing)[np.newaxis, :]
+    return VolumeData(
+        array=array,
+        spacing=spacing,
+        origin=tuple(float(v) for v in _RAS_FROM_LPS @ ijk_to_ras[:3, 3]),
+        direction=_RAS_FROM_LPS @ direction_ras,
+        name=volume_node.GetName() or "",
+    )
+
+
+def add_volume_node(scene, array: np.ndarray, spacing, origin, direction, name: str):
+    """Add a scalar volume node from arrays in the engine's conventions (the inverse of
+    `volume_data_from_node`)."""
+    array = np.ascontiguousarray(array)
+    if array.ndim != 3:
+        raise ValueError(f"A volume needs a 3D (k, j, i) array, got shape {array.shape}.")
+    image = vtk.vtkImageData()
+    image.SetDimensions(array.shape[2], array.shape[1], array.shape[0])
+    vtk_array = numpy_support.numpy_to_vtk(array.ravel(), deep=True)
+    image.GetPointData().SetScalars(vtk_array)
+
+    volume_node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
+    volume_node.SetSpacing(*[float(s) for s in spacing])
+    volume_node.SetOrigin(*[float(v) for v in _RAS_FROM_LPS @ np.asarray(origin, dtype=float)])
+    direction_ras = _RAS_FROM_LPS @ np.asarray(direction, dtype=float)
+    volume_node.SetIJKToRASDirections([list(row) for row in direction_ras])
+    volume_node.SetAndObserveImageData(image)
+    volume_node.CreateDefaultDisplayNodes()
+    return volume_node
+
+
+def _oriented_image_on_volume_grid(volume_node, voxels: np.ndarray | None = None):
+    """A vtkOrientedImageData with the volume's local geometry; zero-filled unless voxels are given."""
+    i, j, k = _grid_dimensions(volume_node)
+    image = slicer.vtkOrientedImageData()
+    image.SetDimensions(i, j, k)
+    image.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
+    target = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())
+    if voxels is None:
+        target[:] = 0
+    else:
+        target[:] = (voxels.reshape(-1) != 0).astype(np.uint8)
+    matrix = vtk.vtkMatrix4x4()
+    volume_node.GetIJKToRASMatrix(matrix)
+    image.SetImageToWorldMatrix(matrix)
+    return image
+
+
+# --------------------------------------------------------------------------------------------
+# Terminology
+# --------------------------------------------------------------------------------------------
+
+
+def _coded(code: Code | None) -> str:
+    if code is None:
+        return "^^"
+    return f"{code.scheme}^{code.value}^{code.meaning}"
+
+
+def terminology_entry_string(terminology: SegmentTerminology) -> str:
+    """The 7-part string Slicer 5.x keeps in a segment's terminology tag.
+
+    context ~ category ~ type ~ type modifier ~ anatomic context ~ region ~ region modifier; every
+    coded part is `scheme^value^meaning`. Anatomic region is left empty: the type already names
+    the organ, and the DICOM convention puts laterality in the type modifier.
+    """
+    return "~".join(
+        [
+            TERMINOLOGY_CONTEXT,
+            _coded(terminology.category),
+            _coded(terminology.type),
+            _coded(terminology.type_modifier),
+            ANATOMIC_CONTEXT,
+            _coded(None),
+            _coded(None),
+        ]
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Segmentation node for a volume
+# --------------------------------------------------------------------------------------------
+
+
+def find_segmentation(volume_node):
+    """The segmentation that holds earlier answers for this volume, or None."""
+    segmentation_node = volume_node.GetNodeReference(SEGMENTATION_REFERENCE_ROLE)
+    if segmentation_node is None or segmentation_node.GetScene() is None:
+        return None
+    return segmentation_node
+
+
+def _subject_hierarchy(scene):
+    return slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
+
+
+def _place_beside(segmentation_node, volume_node) -> None:
+    """Same subject-hierarchy parent (study) and same parent transform as the volume."""
+    scene = volume_node.GetScene()
+    hierarchy = _subject_hierarchy(scene)
+    volume_item = hierarchy.GetItemByDataNode(volume_node)
+    parent_item = hierarchy.GetItemParent(volume_item) if volume_item else hierarchy.GetSceneItemID()
+    segmentation_item = hierarchy.GetItemByDataNode(segmentation_node)
+    if segmentation_item:
+        hierarchy.SetItemParent(segmentation_item, parent_item)
+    else:
+        # Inside Slicer a subject-hierarchy plugin creates the item when the node is added;
+        # a headless scene has no plugins, so the item is created here.
+        hierarchy.CreateItem(parent_item, segmentation_node)
+    segmentation_node.SetAndObserveTransformNodeID(volume_node.GetTransformNodeID())
+
+
+def _create_segmentation(volume_node):
+    scene = volume_node.GetScene()
+    segmentation_node = scene.AddNewNodeByClass(
+        "vtkMRMLSegmentationNode", scene.GenerateUniqueName(volume_node.GetName() + SEGMENTATION_NAME_SUFFIX)
+    )
+    segmentation_node.CreateDefaultDisplayNodes()
+    # Reference geometry: the segments live on the CT grid, and DICOM SEG export needs the link.
+    segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
+    segmentation_node.SetNodeReferenceID(
+        segmentation_node.GetReferenceImageGeometryReferenceRole(), volume_node.GetID()
+    )
+    volume_node.SetNodeReferenceID(SEGMENTATION_REFERENCE_ROLE, segmentation_node.GetID())
+    _place_beside(segmentation_node, volume_node)
+    return segmentation_node
+
+
+def unique_segment_name(segmentation, name: str) -> str:
+    """`name` if no segment has it (ignoring case), else "name (2)", "name (3)", ..."""
+    taken = {
+        segmentation.GetNthSegment(index).GetName().casefold()
+        for index in range(segmentation.GetNumberOfSegments())
+    }
+    if name.casefold() not in taken:
+        return name
+    suffix = 2
+    while f"{name} ({suffix})".casefold() in taken:
+        suffix += 1
+    return f"{name} ({suffix})"
+
+
+def check_mask_shapes(volume_node, segments) -> None:
+    """Raise ValueError unless every mask is exactly on the volume's (k, j, i) grid.
+
+    A transposed mask with the same number of voxels would otherwise be imported silently and
+    land in the wrong place, so the shape is compared, not the size.
+    """
+    expected = volume_grid_shape(volume_node)
+    for spec in segments:
+        shape = tuple(np.shape(spec.mask))
+        if shape != expected:
+            raise ValueError(
+                f"Mask for '{spec.name}' has shape {shape}, but volume '{volume_node.GetName()}'"
+                f" has (k, j, i) shape {expected}; nothing was written."
+            )
+
+
+def write_segments(volume_node, segments, segmentation_node=None) -> SceneChange:
+    """Add one segment per spec to the volume's R1Seg3D segmentation; never overwrite.
+
+    The segmentation is `segmentation_node` when given, else the one found for the volume, else a
+    new one. A name that is already used gets a numbered suffix. All masks are checked before the
+    scene is touched, so a wrong shape leaves the scene exactly as it was.
+    """
+    segments = list(segments)
+    check_mask_shapes(volume_node, segments)
+    _ensure_segmentation_converter_rules()
+    scene = volume_node.GetScene()
+
+    if scene.GetUndoFlag():
+        scene.SaveStateForUndo()
+
+    created = False
+    if segmentation_node is None:
+        segmentation_node = find_segmentation(volume_node)
+    if segmentation_node is None:
+        segmentation_node = _create_segmentation(volume_node)
+        created = True
+    if scene.GetUndoFlag():
+        segmentation_node.SetUndoEnabled(True)
+
+    segmentation = segmentation_node.GetSegmentation()
+    segment_ids = []
+    segment_names = []
+    for spec in segments:
+        name = unique_segment_name(segmentation, spec.name)
+        color = [channel / 255.0 for channel in spec.color]
+        segment_id = segmentation.AddEmptySegment("", name, color)
+        if not segment_id:
+            raise RuntimeError(f"Slicer could not add segment '{name}'.")
+        labelmap = _oriented_image_on_volume_grid(volume_node, spec.mask)
+        if not slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(
+            labelmap, segmentation_node, segment_id, slicer.vtkSlicerSegmentationsModuleLogic.MODE_REPLACE
+        ):
+            segmentation.RemoveSegment(segment_id)
+            raise RuntimeError(f"Slicer could not import the mask of segment '{name}'.")
+        if spec.terminology is not None:
+            segmentation.GetSegment(segment_id).SetTerminology(terminology_entry_string(spec.terminology))
+        segment_ids.append(segment_id)
+        segment_names.append(name)
+
+    return SceneChange(
+        segmentation_node_id=segmentation_node.GetID(),
+        created_segmentation=created,
+        segment_ids=tuple(segment_ids),
+        segment_names=tuple(segment_names),
+    )
+
+
+def revert_change(scene, change: SceneChange) -> None:
+    """Take one answer back: remove its segments, and its segmentation if it made it and it is now
+    empty. Segments the user already deleted are skipped."""
+    segmentation_node = scene.GetNodeByID(change.segmentation_node_id)
+    if segmentation_node is None:
+        return
+    segmentation = segmentation_node.GetSegmentation()
+    for segment_id in change.segment_ids:
+        if segmentation.GetSegment(segment_id) is not None:
+            segmentation.RemoveSegment(segment_id)
+    if change.created_segmentation and segmentation.GetNumberOfSegments() == 0:
+        scene.RemoveNode(segmentation_node)
+
+
+# --------------------------------------------------------------------------------------------
+# Reading back and viewing
+# --------------------------------------------------------------------------------------------
+
+
+def segment_mask(segmentation_node, segment_id: str, volume_node) -> np.ndarray:
+    """A segment as a uint8 0/1 (k, j, i) array on the volume's grid."""
+    stored = slicer.vtkOrientedImageData()
+    if not segmentation_node.GetBinaryLabelmapRepresentation(segment_id, stored):
+        raise ValueError(f"Segment '{segment_id}' has no binary labelmap.")
+    reference = _oriented_image_on_volume_grid(volume_node)
+    resampled = slicer.vtkOrientedImageData()
+    slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(
+        stored, reference, resampled
+    )
+    voxels = numpy_support.vtk_to_numpy(resampled.GetPointData().GetScalars())
+    return (voxels.reshape(volume_grid_shape(volume_node)) != 0).astype(np.uint8)
+
+
+def set_segment_visibility(segmentation_node, segment_id: str, visible: bool) -> None:
+    display_node = segmentation_node.GetDisplayNode()
+    if display_node is None:
+        segmentation_node.CreateDefaultDisplayNodes()
+        display_node = segmentation_node.GetDisplayNode()
+    display_node.SetSegmentVisibility(segment_id, bool(visible))
+
+
+def segment_visibility(segmentation_node, segment_id: str) -> bool:
+    display_node = segmentation_node.GetDisplayNode()
+    return bool(display_node is not None and display_node.GetSegmentVisibility(segment_id))
+
+
+def center_views_on_segment(segmentation_node, segment_id: str):
+    """Move every slice view to the segment's centre; return that centre (world RAS) or None.
+
+    `GetSegmentCenterRAS` returns a voxel inside the segment (not the bounding-box centre, which
+    may fall outside a curved organ) and already applies the parent transform.
+    """
+    if segmentation_node.GetSegmentation().GetSegment(segment_id) is None:
+        return None
+    center = segmentation_node.GetSegmentCenterRAS(segment_id)
+    if center is None:
+        return None
+    center = tuple(float(v) for v in center)
+    slicer.vtkMRMLSliceNode.JumpAllSlices(
+        segmentation_node.GetScene(), *center, slicer.vtkMRMLSliceNode.CenteredJumpSlice
+    )
+    return center

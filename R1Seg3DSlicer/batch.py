@@ -1,0 +1,230 @@
+"""Ask R1Seg3D one question about a CT and save the answer as a segmentation file.
+
+Inside Slicer (same Logic code as the chat panel):
+    Slicer --no-splash --no-main-window --python-script R1Seg3DSlicer/batch.py \\
+        --input ct.nii.gz --question "segment the liver" --output liver.seg.nrrd
+With plain Python and the PyPI `slicer-core` wheel (how it is tested):
+    python R1Seg3DSlicer/batch.py --input ct.nii.gz --question "..." --output out.seg.nrrd
+
+The answer text goes to stdout, progress to stderr, and `--answer-json` writes the answer, each
+target's segment name, volume and voxel count, the timings and the device. The segmentation file is
+written even when nothing was found (then it has no segments), so a pipeline always gets one.
+
+Exit codes: 0 answered; 1 unexpected error (traceback on stderr); 2 bad arguments; 3 input missing,
+unreadable or unusable; 4 model folder or weights unusable; 5 inference failed; 6 output not written.
+"""
+
+import argparse
+import json
+import sys
+import time
+import traceback
+from pathlib import Path
+
+EXIT_OK = 0
+EXIT_UNEXPECTED = 1
+EXIT_USAGE = 2
+EXIT_INPUT = 3
+EXIT_MODEL = 4
+EXIT_INFERENCE = 5
+EXIT_OUTPUT = 6
+
+
+class BatchError(Exception):
+    def __init__(self, exit_code: int, message: str):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def _make_lib_importable() -> None:
+    """R1Seg3DSlicerLib sits next to this file in the source tree and one level up once installed
+    (the extension installs batch.py in a subfolder so Slicer does not take it for a module)."""
+    here = Path(__file__).resolve().parent
+    for folder in (here, here.parent):
+        if (folder / "R1Seg3DSlicerLib").is_dir():
+            if str(folder) not in sys.path:
+                sys.path.insert(0, str(folder))
+            return
+
+
+def parse_arguments(argv):
+    parser = argparse.ArgumentParser(
+        prog="batch.py", description="Ask R1Seg3D one question about a CT and save the answer as a segmentation."
+    )
+    parser.add_argument("--input", required=True, type=Path, help="CT volume file (NIfTI, NRRD, ...) or DICOM series folder")
+    parser.add_argument("--question", required=True, help='question in plain language, e.g. "segment the liver"')
+    parser.add_argument("--output", required=True, type=Path, help="segmentation file to write (.seg.nrrd)")
+    parser.add_argument("--model", default=None, help="model folder (default: the project's default model)")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "gpu"], help="where the model runs")
+    parser.add_argument("--overlap", type=float, default=None, help="sliding-window overlap (default: the model's)")
+    parser.add_argument("--loops", type=int, default=None, help="mask refinement loops 0-3 (default: the model's)")
+    parser.add_argument("--answer-json", type=Path, default=None, help="also write the answer as JSON here")
+    return parser.parse_args(argv)
+
+
+def _scene_and_volumes_logic():
+    """Slicer's own scene inside the application; a headless one under plain Python."""
+    import slicer
+
+    if getattr(slicer, "app", None) is not None:
+        return slicer.mrmlScene, slicer.modules.volumes.logic(), None
+    from R1Seg3DSlicerLib import scene
+
+    headless = scene.create_headless_scene()
+    # Returned so the caller keeps the logics alive for the whole run.
+    return headless.scene, headless.volumes_logic, headless
+
+
+def _load_volume(volumes_logic, path: Path):
+    if not path.exists():
+        raise BatchError(EXIT_INPUT, f"Input not found: {path}")
+    if path.is_dir():
+        # A DICOM series: any file of it is the archetype from which the reader finds the others.
+        files = sorted(child for child in path.iterdir() if child.is_file())
+        if not files:
+            raise BatchError(EXIT_INPUT, f"Input folder is empty: {path}")
+        archetype = files[0]
+    else:
+        archetype = path
+    name = path.name.split(".")[0] or "CT"
+    volume_node = volumes_logic.AddArchetypeVolume(str(archetype), name)
+    if volume_node is None or volume_node.GetImageData() is None:
+        raise BatchError(EXIT_INPUT, f"Could not read a volume from {path}")
+    return volume_node
+
+
+def _engine_failure(error):
+    """The BatchError for an error the engine explains to users; None for anything else (a bug,
+    which gets its traceback)."""
+    if isinstance(error, ModuleNotFoundError) and (error.name or "").startswith("r1seg_core"):
+        return BatchError(
+            EXIT_UNEXPECTED,
+            f"The R1Seg3D engine is not importable ({error}). Install the project (pip install -e .)"
+            " or run this script inside Slicer with the R1Seg3D extension.",
+        )
+    from r1seg_core import errors
+
+    if isinstance(error, errors.InvalidInputError):
+        return BatchError(EXIT_INPUT, str(error))
+    if isinstance(error, errors.CheckpointError):
+        return BatchError(EXIT_MODEL, str(error))
+    if isinstance(error, errors.R1SegError):
+        return BatchError(EXIT_INFERENCE, str(error))
+    return None
+
+
+class _ProgressPrinter:
+    """One stderr line per stage and per tenth of the windows, not one per window."""
+
+    def __init__(self, stream):
+        self._stream = stream
+        self._last = None
+
+    def __call__(self, done, total, stage):
+        tenth = int(10 * done / total) if total > 0 else None
+        if (stage, tenth) != self._last:
+            self._last = (stage, tenth)
+            where = f" {done}/{total}" if total > 0 else ""
+            print(f"[R1Seg3D] {stage}{where}", file=self._stream, flush=True)
+
+
+def _save_segmentation(segmentation_node, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    storage = segmentation_node.CreateDefaultStorageNode()
+    storage.SetFileName(str(path))
+    if not storage.WriteData(segmentation_node):
+        raise BatchError(EXIT_OUTPUT, f"Could not write the segmentation to {path}")
+
+
+def run(arguments, predictor_factory=None, stdout=sys.stdout, stderr=sys.stderr) -> int:
+    _make_lib_importable()
+    from R1Seg3DSlicerLib import engine, scene
+
+    mrml_scene, volumes_logic, _keep_alive = _scene_and_volumes_logic()
+    volume_node = _load_volume(volumes_logic, arguments.input)
+    options = engine.AskOptions(
+        model_dir=arguments.model,
+        device="cuda" if arguments.device == "gpu" else arguments.device,
+        overlap=arguments.overlap,
+        loops=arguments.loops,
+    )
+    session = engine.R1SegSession(predictor_factory=predictor_factory)
+    started = time.monotonic()
+    try:
+        result, change, found = session.process(
+            volume_node, arguments.question, options, progress=_ProgressPrinter(stderr)
+        )
+    except Exception as error:
+        failure = _engine_failure(error)
+        if failure is None:
+            raise
+        raise failure from error
+
+    if change is None:
+        # Nothing to write: still produce a (segment-less) segmentation on the CT's grid.
+        change = scene.write_segments(volume_node, [])
+    _save_segmentation(mrml_scene.GetNodeByID(change.segmentation_node_id), arguments.output)
+
+    print(result.answer, file=stdout)
+    for target in found:
+        where = f"segment '{target.name}'" if target.in_scene else "empty mask, not written"
+        print(f"  {target.name}: {target.volume_ml:.1f} mL ({target.voxel_count} voxels), {where}", file=stdout)
+    for note in result.notes:
+        print(f"  note: {note}", file=stdout)
+
+    if arguments.answer_json is not None:
+        summary = {
+            "question": arguments.question,
+            "input": str(arguments.input),
+            "output": str(arguments.output),
+            "answer": result.answer,
+            "present": bool(result.present),
+            "targets": [
+                {
+                    "name": target.name,
+                    "segment_id": target.segment_id,
+                    "volume_ml": target.volume_ml,
+                    "voxel_count": target.voxel_count,
+                }
+                for target in found
+            ],
+            "timings": {key: float(value) for key, value in result.timings.items()},
+            "notes": list(result.notes),
+            "device": result.device,
+            "wall_seconds": time.monotonic() - started,
+        }
+        try:
+            arguments.answer_json.parent.mkdir(parents=True, exist_ok=True)
+            arguments.answer_json.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+        except OSError as error:
+            raise BatchError(EXIT_OUTPUT, f"Could not write {arguments.answer_json}: {error}") from error
+    return EXIT_OK
+
+
+def main(argv=None, predictor_factory=None, stdout=sys.stdout, stderr=sys.stderr) -> int:
+    try:
+        arguments = parse_arguments(sys.argv[1:] if argv is None else argv)
+    except SystemExit as exit_request:  # argparse prints its own message
+        return EXIT_OK if exit_request.code == 0 else EXIT_USAGE
+    try:
+        return run(arguments, predictor_factory, stdout, stderr)
+    except BatchError as error:
+        print(f"R1Seg3D: {error}", file=stderr)
+        return error.exit_code
+    except Exception:
+        print("R1Seg3D: unexpected error:\n" + traceback.format_exc(), file=stderr)
+        return EXIT_UNEXPECTED
+
+
+def _exit(code: int) -> None:
+    """`--python-script` alone does not end Slicer, so exit explicitly, with the code."""
+    import slicer
+
+    if getattr(slicer, "app", None) is not None:
+        slicer.util.exit(code)
+    else:
+        sys.exit(code)
+
+
+if __name__ == "__main__":
+    _exit(main())

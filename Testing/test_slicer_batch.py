@@ -1,0 +1,175 @@
+"""R1Seg3DSlicer/batch.py end to end under plain Python with slicer-core: CT file in, .seg.nrrd and
+JSON out, exit codes. Most tests script the model; `test_batch_runs_the_real_predictor` runs the
+project's real Predictor and default model on a small real CT."""
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+REPO = Path(__file__).resolve().parents[1]
+BATCH = REPO / "R1Seg3DSlicer" / "batch.py"
+sys.path.insert(0, str(REPO / "R1Seg3DSlicer"))
+
+pytest.importorskip("slicer", reason="needs the slicer-core wheel")
+
+import batch  # noqa: E402
+from R1Seg3DSlicerLib import scene  # noqa: E402
+
+SMALL_CT = "totalseg_example/example_ct_sm.nii.gz"
+
+
+class LiverPredictor:
+    """Returns a fixed block as "liver", on the grid it was given."""
+
+    def __init__(self, folder=None, device="cpu"):
+        self.device = device
+
+    def ask(self, volume, question, *, conversation=None, progress=None, cancel=None, **options):
+        mask = np.zeros(volume.array.shape, np.uint8)
+        mask[5:20, 30:60, 20:50] = 1
+        if progress:
+            progress(1, 1, "Segmenting")
+        target = SimpleNamespace(name="liver", mask=mask, probability=None, volume_ml=float(mask.sum()) * 0.027,
+                                 voxel_count=int(mask.sum()))
+        return SimpleNamespace(answer="The liver is outlined.", present=True, targets=[target],
+                               timings={"total": 0.1}, notes=[], device="cpu")
+
+
+class NothingPredictor(LiverPredictor):
+    def ask(self, volume, question, **kwargs):
+        return SimpleNamespace(answer="There is no gallbladder in this scan.", present=False, targets=[],
+                               timings={}, notes=[], device="cpu")
+
+
+def run_batch(arguments, factory):
+    stdout, stderr = io.StringIO(), io.StringIO()
+    code = batch.main([str(a) for a in arguments], predictor_factory=factory, stdout=stdout, stderr=stderr)
+    return code, stdout.getvalue(), stderr.getvalue()
+
+
+def read_segmentation(path, reference_path):
+    headless = scene.create_headless_scene()
+    volume_node = headless.volumes_logic.AddArchetypeVolume(str(reference_path), "ct")
+    segmentation_node = headless.scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    storage = segmentation_node.CreateDefaultStorageNode()
+    storage.SetFileName(str(path))
+    assert storage.ReadData(segmentation_node)
+    segmentation = segmentation_node.GetSegmentation()
+    return {segmentation.GetNthSegment(i).GetName(): scene.segment_mask(segmentation_node,
+                                                                         segmentation.GetNthSegmentID(i), volume_node)
+            for i in range(segmentation.GetNumberOfSegments())}
+
+
+def test_batch_writes_the_answer(shared_ct, tmp_path):
+    ct = shared_ct / SMALL_CT
+    out = tmp_path / "out" / "liver.seg.nrrd"
+    code, stdout, stderr = run_batch(
+        ["--input", ct, "--question", "segment the liver", "--output", out, "--device", "cpu",
+         "--answer-json", tmp_path / "answer.json"],
+        lambda folder, device: LiverPredictor(folder, device),
+    )
+    assert code == batch.EXIT_OK, stderr
+    assert "The liver is outlined." in stdout and "[R1Seg3D] Segmenting 1/1" in stderr
+
+    segments = read_segmentation(out, ct)
+    expected = np.zeros(sitk.GetArrayFromImage(sitk.ReadImage(str(ct))).shape, np.uint8)
+    expected[5:20, 30:60, 20:50] = 1
+    assert list(segments) == ["liver"] and np.array_equal(segments["liver"], expected)
+
+    summary = json.loads((tmp_path / "answer.json").read_text())
+    assert summary["present"] is True and summary["targets"][0]["name"] == "liver"
+    assert summary["targets"][0]["voxel_count"] == int(expected.sum())
+
+
+def test_batch_writes_an_empty_segmentation_when_nothing_is_found(shared_ct, tmp_path):
+    out = tmp_path / "none.seg.nrrd"
+    code, stdout, _ = run_batch(
+        ["--input", shared_ct / SMALL_CT, "--question", "is there a gallbladder?", "--output", out],
+        lambda folder, device: NothingPredictor(),
+    )
+    assert code == batch.EXIT_OK
+    assert "no gallbladder" in stdout
+    assert read_segmentation(out, shared_ct / SMALL_CT) == {}
+
+
+def test_batch_reads_a_dicom_series_folder(shared_ct, tmp_path):
+    code, _, stderr = run_batch(
+        ["--input", shared_ct / "totalseg_example/example_ct_dicom", "--question", "segment the liver",
+         "--output", tmp_path / "dicom.seg.nrrd"],
+        lambda folder, device: LiverPredictor(),
+    )
+    assert code == batch.EXIT_OK, stderr
+    assert (tmp_path / "dicom.seg.nrrd").stat().st_size > 0
+
+
+def test_batch_exit_codes_for_engine_errors(shared_ct, tmp_path):
+    from r1seg_core.errors import CheckpointError, InvalidInputError, OutOfMemoryError
+
+    def failing(error):
+        def factory(folder, device):
+            raise error
+        return factory
+
+    common = ["--input", shared_ct / SMALL_CT, "--question", "segment the liver", "--output", tmp_path / "x.seg.nrrd"]
+    for error, expected in [
+        (InvalidInputError("The question is empty."), batch.EXIT_INPUT),
+        (CheckpointError("No weights in /models/r1."), batch.EXIT_MODEL),
+        (OutOfMemoryError("Out of memory even on the CPU."), batch.EXIT_INFERENCE),
+    ]:
+        code, _, stderr = run_batch(common, failing(error))
+        assert code == expected and str(error) in stderr
+    code, _, stderr = run_batch(common, failing(KeyError("bug")))
+    assert code == batch.EXIT_UNEXPECTED and "Traceback" in stderr
+    assert not (tmp_path / "x.seg.nrrd").exists()
+
+
+def test_batch_missing_input_and_bad_arguments(tmp_path):
+    code, _, stderr = run_batch(["--input", tmp_path / "nope.nii.gz", "--question", "q", "--output", tmp_path / "o.seg.nrrd"],
+                                lambda folder, device: LiverPredictor())
+    assert code == batch.EXIT_INPUT and "Input not found" in stderr
+    assert batch.main(["--question", "q"], stderr=io.StringIO()) == batch.EXIT_USAGE
+
+
+def test_batch_script_exits_with_its_code(tmp_path):
+    """The file as a script: a clear message and a non-zero exit, no model needed to get there."""
+    result = subprocess.run(
+        [sys.executable, str(BATCH), "--input", str(tmp_path / "missing.nii.gz"), "--question", "segment the liver",
+         "--output", str(tmp_path / "out.seg.nrrd")],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    assert result.returncode == batch.EXIT_INPUT
+    assert "Input not found" in result.stderr
+
+
+def test_batch_bad_model_folder(shared_ct, tmp_path):
+    empty_model = tmp_path / "model"
+    empty_model.mkdir()
+    code, _, stderr = run_batch(
+        ["--input", shared_ct / SMALL_CT, "--question", "segment the liver", "--output", tmp_path / "o.seg.nrrd",
+         "--model", empty_model, "--device", "cpu"],
+        None,
+    )
+    assert code == batch.EXIT_MODEL, stderr
+
+
+def test_batch_runs_the_real_predictor(shared_ct, tmp_path):
+    """The project's Predictor and default model, CPU, through the script exactly as a user runs it."""
+    out = tmp_path / "real.seg.nrrd"
+    result = subprocess.run(
+        [sys.executable, str(BATCH), "--input", str(shared_ct / SMALL_CT), "--question", "segment the liver",
+         "--output", str(out), "--device", "cpu", "--answer-json", str(tmp_path / "answer.json")],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    assert result.returncode == batch.EXIT_OK, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "answer.json").read_text())
+    assert summary["answer"]
+    segments = read_segmentation(out, shared_ct / SMALL_CT)
+    assert all(mask.shape == (30, 101, 122) for mask in segments.values())
+    assert len(segments) == sum(1 for t in summary["targets"] if t["segment_id"])

@@ -1,0 +1,550 @@
+"""The chat panel without Qt: chat state machine, background worker, engine session, and the module
+file itself (compiles, imports nothing heavy, widget uses only Slicer's qt/ctk/slicer, Logic works)."""
+import ast
+import importlib.util
+import subprocess
+import sys
+import threading
+import time
+import types
+from pathlib import Path
+from types import SimpleNamespace
+from unittest import mock
+
+import numpy as np
+import pytest
+
+MODULE_DIR = Path(__file__).resolve().parents[1] / "R1Seg3DSlicer"
+MODULE_FILE = MODULE_DIR / "R1Seg3DSlicer.py"
+sys.path.insert(0, str(MODULE_DIR))
+
+from R1Seg3DSlicerLib import chat, engine, worker  # noqa: E402
+from R1Seg3DSlicerLib.chat import ChatError, ChatSession, ChatState, FoundTarget, TurnStatus  # noqa: E402
+
+
+class Clock:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self):
+        return self.now
+
+
+def liver_target(segment_id="S1"):
+    return FoundTarget("liver", 1125.7, 41692, segmentation_node_id="vtkMRMLSegmentationNode1", segment_id=segment_id)
+
+
+# ---- chat state machine ----------------------------------------------------------------------------
+
+
+def test_a_question_runs_and_is_answered():
+    clock = Clock()
+    session = ChatSession(clock)
+    assert session.state is ChatState.IDLE and session.send_button_text == "Send"
+    session.send("  segment the liver ", "CT chest")
+    assert session.state is ChatState.RUNNING
+    assert session.send_button_text == "Cancel" and session.send_button_enabled and not session.question_editable
+    assert session.status_text.startswith("Starting")
+
+    session.report_progress(3, 12, "Segmenting")
+    assert session.progress.fraction == pytest.approx(0.25)
+    assert "Segmenting: 3/12" in session.status_text
+
+    clock.now += 4.25
+    turn = session.complete("The liver is segmented.", True, [liver_target()], ["fell back to the CPU"], "cuda:0", "undo")
+    assert session.state is ChatState.IDLE and session.progress is None
+    assert turn.question == "segment the liver" and turn.status is TurnStatus.ANSWERED
+    assert turn.elapsed_s == pytest.approx(4.25)
+    assert session.status_text == "Answered in 4.2 s on cuda:0"
+    page = session.transcript_html()
+    assert "The liver is segmented." in page and "1125.7 mL" in page and "fell back to the CPU" in page
+    assert 'href="r1seg:toggle/0/0"' in page and 'href="r1seg:center/0/0"' in page and 'href="r1seg:undo/0"' in page
+
+
+def test_one_question_at_a_time_and_no_empty_question():
+    session = ChatSession(Clock())
+    with pytest.raises(ChatError):
+        session.send("   ", "ct")
+    session.send("segment the spleen", "ct")
+    with pytest.raises(ChatError):
+        session.send("segment the liver", "ct")
+    with pytest.raises(ChatError):
+        session.clear()
+
+
+def test_cancel_goes_through_cancelling_and_adds_nothing():
+    session = ChatSession(Clock())
+    assert not session.request_cancel()  # nothing to cancel
+    session.send("segment the kidneys", "ct")
+    assert session.request_cancel()
+    assert session.state is ChatState.CANCELLING
+    assert session.send_button_text == "Cancelling…" and not session.send_button_enabled
+    assert not session.request_cancel()  # a second click changes nothing
+    turn = session.mark_cancelled()
+    assert turn.status is TurnStatus.CANCELLED and session.state is ChatState.IDLE
+    assert "nothing was added" in session.transcript_html()
+    session.report_progress(5, 10, "late event")  # from the cancelled run: ignored
+    assert session.progress is None
+
+
+def test_errors_are_messages_in_the_conversation():
+    session = ChatSession(Clock())
+    session.send("segment <b>everything</b>", "ct")
+    session.fail("Model folder /x has no config.json.")
+    page = session.transcript_html()
+    assert "Error:</b> Model folder /x has no config.json." in page
+    assert "&lt;b&gt;everything&lt;/b&gt;" in page and "<b>everything</b>" not in page
+    assert session.state is ChatState.IDLE and session.turns[-1].status is TurnStatus.FAILED
+    assert "failed" in session.status_text
+    with pytest.raises(ChatError):
+        session.fail("no question runs")
+
+
+def test_not_found_and_empty_mask_are_said_plainly():
+    session = ChatSession(Clock())
+    session.send("is there a gallbladder?", "ct")
+    session.complete("No gallbladder is visible in this scan.", False, [FoundTarget("gallbladder", 0.0, 0)])
+    page = session.transcript_html()
+    assert "Not found in this scan" in page and "empty mask, not added" in page
+    assert "r1seg:undo" not in page
+
+
+def test_follow_up_turns_undo_visibility_and_clear():
+    session = ChatSession(Clock())
+    session.send("segment the liver", "ct")
+    session.complete("Liver found.", True, [liver_target("S1")], undo_token="change-1")
+    session.send("and the spleen?", "ct")
+    session.complete("Spleen found.", True, [FoundTarget("spleen", 261.0, 9667, "vtkMRMLSegmentationNode1", "S2")],
+                     undo_token="change-2")
+    assert [t.question for t in session.turns] == ["segment the liver", "and the spleen?"]
+
+    session.set_visibility(1, 0, False)
+    assert 'href="r1seg:toggle/1/0">show</a>' in session.transcript_html()
+
+    turn = session.mark_undone(1)
+    assert turn.undone and not turn.can_undo and turn.targets[0].segment_id is None
+    assert "Undone" in session.transcript_html()
+    with pytest.raises(ChatError):
+        session.mark_undone(1)
+
+    session.forget_segmentation("vtkMRMLSegmentationNode1")  # the user deleted the segmentation
+    assert not session.turns[0].can_undo and "(removed)" in session.transcript_html()
+
+    session.clear()
+    assert session.turns == () and session.status_text.startswith("Ask")
+
+
+@pytest.mark.parametrize(
+    "url, expected",
+    [
+        ("r1seg:toggle/2/1", chat.Link("toggle", 2, 1)),
+        ("r1seg:center/0/3", chat.Link("center", 0, 3)),
+        ("r1seg:undo/4", chat.Link("undo", 4)),
+        ("r1seg:undo/4/1", None),
+        ("r1seg:toggle/1", None),
+        ("r1seg:delete/1/1", None),
+        ("r1seg:toggle/a/1", None),
+        ("https://example.org", None),
+    ],
+)
+def test_links_round_trip(url, expected):
+    assert chat.parse_link(url) == expected
+    if expected is not None:
+        assert chat.link_url(expected.action, expected.turn_index, expected.target_index) == url
+
+
+# ---- background worker ------------------------------------------------------------------------------
+
+
+def collect_until_terminal(runner, timeout=5.0):
+    events = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        event = runner.wait_for_event(0.05)
+        if event is not None:
+            events.append(event)
+            if isinstance(event, worker.TERMINAL_EVENTS):
+                return events
+    raise AssertionError(f"no terminal event within {timeout} s: {events}")
+
+
+@pytest.fixture
+def runner():
+    background = worker.BackgroundRunner()
+    yield background
+    background.shutdown()
+
+
+def test_worker_reports_progress_then_result(runner):
+    def job(progress, cancel):
+        for window in range(1, 4):
+            progress(window, 3, "Segmenting")
+        return "answer"
+
+    job_id = runner.submit(job)
+    events = collect_until_terminal(runner)
+    assert [(e.done, e.total) for e in events[:-1]] == [(1, 3), (2, 3), (3, 3)]
+    assert events[-1] == worker.FinishedEvent(job_id, "answer")
+    assert not runner.busy
+    runner.submit(lambda progress, cancel: 1)  # the slot is free as soon as the result is seen
+
+
+def test_worker_failure_is_an_event_not_a_crash(runner):
+    def job(progress, cancel):
+        raise ValueError("the CT has 4 dimensions")
+
+    runner.submit(job)
+    event = collect_until_terminal(runner)[-1]
+    assert isinstance(event, worker.FailedEvent)
+    assert str(event.error) == "the CT has 4 dimensions" and "ValueError" in event.traceback_text
+    assert runner.run_blocking(lambda progress, cancel: "still alive") == "still alive"
+
+
+def test_cancel_stops_a_windowed_job_within_a_second(runner):
+    windows_done = []
+
+    def job(progress, cancel):
+        for window in range(200):  # 200 windows of 50 ms: 10 s if never cancelled
+            time.sleep(0.05)
+            windows_done.append(window)
+            progress(window + 1, 200, "Segmenting")
+        return "too late"
+
+    runner.submit(job)
+    time.sleep(0.3)
+    with pytest.raises(RuntimeError):
+        runner.submit(lambda progress, cancel: None)  # one question at a time
+    cancelled_at = time.monotonic()
+    runner.cancel()
+    events = collect_until_terminal(runner)
+    assert isinstance(events[-1], worker.CancelledEvent)
+    assert time.monotonic() - cancelled_at < 1.0
+    assert len(windows_done) < 40
+
+
+def test_cancel_seen_by_the_job_itself(runner):
+    def job(progress, cancel):
+        while not cancel.wait(0.01):
+            pass
+        raise RuntimeError("engine noticed the cancel flag")  # e.g. r1seg_core CancelledError
+
+    runner.submit(job)
+    time.sleep(0.1)
+    runner.cancel()
+    assert isinstance(collect_until_terminal(runner)[-1], worker.CancelledEvent)
+
+
+def test_an_answer_that_arrives_after_cancel_is_dropped(runner):
+    started = threading.Event()
+
+    def job(progress, cancel):
+        started.set()
+        time.sleep(0.2)  # cancel lands here, after the last check
+        return "answer"
+
+    runner.submit(job)
+    started.wait(1)
+    runner.cancel()
+    assert isinstance(collect_until_terminal(runner)[-1], worker.CancelledEvent)
+
+
+def test_every_job_runs_on_the_same_thread(runner):
+    threads = {runner.run_blocking(lambda progress, cancel: threading.get_ident()) for _ in range(3)}
+    assert len(threads) == 1 and threading.get_ident() not in threads
+
+
+# ---- engine session -----------------------------------------------------------------------------------
+
+
+class RecordingPredictor:
+    def __init__(self, folder, device):
+        self.folder, self.device, self.calls = folder, device, []
+
+    def ask(self, volume, question, **kwargs):
+        self.calls.append(kwargs)
+        return "result"
+
+
+def test_model_is_loaded_once_and_reloaded_only_when_settings_change():
+    loads = []
+
+    def factory(folder, device):
+        loads.append((folder, device))
+        return RecordingPredictor(folder, device)
+
+    session = engine.R1SegSession(predictor_factory=factory)
+    first = session.predictor(engine.AskOptions(device="cpu"))
+    assert session.predictor(engine.AskOptions(model_dir="", device="cpu", loops=2)) is first
+    session.predictor(engine.AskOptions(device="cuda"))
+    assert loads == [(None, "cpu"), (None, "cuda")]
+
+
+def test_unset_options_are_left_to_the_predictor():
+    predictor = RecordingPredictor(None, "cpu")
+    session = engine.R1SegSession(predictor_factory=lambda folder, device: predictor)
+    session.ask("volume", "q", engine.AskOptions())
+    session.ask("volume", "q", engine.AskOptions(overlap=0.5, loops=0))
+    assert "overlap" not in predictor.calls[0] and "loops" not in predictor.calls[0]
+    assert predictor.calls[1]["overlap"] == 0.5 and predictor.calls[1]["loops"] == 0
+
+
+def test_conversation_follows_the_volume():
+    session = engine.R1SegSession(conversation_factory=object)
+    first = session.conversation_for("vtkMRMLScalarVolumeNode1")
+    assert session.conversation_for("vtkMRMLScalarVolumeNode1") is first  # follow-up questions
+    other = session.conversation_for("vtkMRMLScalarVolumeNode2")
+    assert other is not first  # another scan, a fresh context
+    session.clear_conversation()
+    assert session.conversation_for("vtkMRMLScalarVolumeNode2") is not other
+
+
+def test_error_messages_for_the_conversation():
+    from r1seg_core.errors import CheckpointError
+
+    assert engine.describe_error(CheckpointError("The model folder has no weights.")) == "The model folder has no weights."
+    assert "Out of memory" in engine.describe_error(MemoryError())
+    unexpected = engine.describe_error(KeyError("windows"))
+    assert "Unexpected error" in unexpected and "Python console" in unexpected
+
+
+# ---- the module file ----------------------------------------------------------------------------------
+
+ALLOWED_TOP_LEVEL_IMPORTS = {
+    "enum", "importlib", "logging", "os", "re", "tempfile", "typing",  # standard library, light
+    "ctk", "qt", "vtk", "slicer", "R1Seg3DSlicerLib",
+}
+FOREIGN_GUI_TOOLKITS = ("PyQt", "PySide", "tkinter", "wx", "gi", "matplotlib")
+
+
+def module_tree():
+    return ast.parse(MODULE_FILE.read_text(encoding="utf-8"))
+
+
+def imported_roots(nodes):
+    roots = set()
+    for node in nodes:
+        if isinstance(node, ast.Import):
+            roots.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            roots.add((node.module or "").split(".")[0])
+    return roots
+
+
+def test_module_file_compiles():
+    import py_compile
+
+    for path in [MODULE_FILE, MODULE_DIR / "batch.py", *sorted((MODULE_DIR / "R1Seg3DSlicerLib").glob("*.py"))]:
+        py_compile.compile(str(path), doraise=True)
+
+
+def test_every_module_file_is_listed_in_cmake():
+    """Slicer packages only what CMakeLists.txt lists; a forgotten file is silently missing."""
+    listed = (MODULE_DIR / "CMakeLists.txt").read_text().replace("${MODULE_NAME}", "R1Seg3DSlicer")
+    shipped = [MODULE_FILE, *(MODULE_DIR / "R1Seg3DSlicerLib").glob("*.py"), *(MODULE_DIR / "Resources").rglob("*.*")]
+    for path in shipped:
+        assert path.relative_to(MODULE_DIR).as_posix() in listed, path
+    assert "batch.py" in listed
+
+
+def test_module_imports_nothing_heavy_at_import_time():
+    top_level = imported_roots(node for node in module_tree().body)
+    assert top_level <= ALLOWED_TOP_LEVEL_IMPORTS, top_level - ALLOWED_TOP_LEVEL_IMPORTS
+    everywhere = imported_roots(ast.walk(module_tree()))
+    assert not any(root.startswith(FOREIGN_GUI_TOOLKITS) for root in everywhere), everywhere
+
+
+def test_widget_uses_only_slicer_qt_ctk():
+    tree = module_tree()
+    widget = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "R1Seg3DSlicerWidget")
+    module_names = {alias.asname or alias.name.split(".")[0] for node in tree.body
+                    if isinstance(node, (ast.Import, ast.ImportFrom)) for alias in node.names}
+    used = {node.id for node in ast.walk(widget) if isinstance(node, ast.Name) and node.id in module_names}
+    # vtk only for observer event ids; the Lib modules are plain Python (no GUI toolkit at all).
+    assert used <= {"qt", "ctk", "slicer", "vtk", "logging", "_", "chat", "engine", "scene", "worker",
+                    "ScriptedLoadableModuleWidget", "VTKObservationMixin"}, used
+    assert not imported_roots(ast.walk(widget))  # no imports hidden inside the widget
+
+
+def stub_modules():
+    """Just enough of Slicer's Python layer (absent from slicer-core) to import the module file."""
+    import slicer
+
+    class Base:
+        def __init__(self, *args, **kwargs):
+            pass
+
+    scripted = types.ModuleType("slicer.ScriptedLoadableModule")
+    for name in ("ScriptedLoadableModule", "ScriptedLoadableModuleWidget", "ScriptedLoadableModuleLogic",
+                 "ScriptedLoadableModuleTest"):
+        setattr(scripted, name, type(name, (Base,), {}))
+    wrapper = types.ModuleType("slicer.parameterNodeWrapper")
+    wrapper.parameterNodeWrapper = lambda cls: cls
+    wrapper.WithinRange = lambda low, high: (low, high)
+    i18n = types.ModuleType("slicer.i18n")
+    i18n.tr = lambda text: text
+    i18n.translate = lambda context, text: text
+    return {"qt": mock.MagicMock(), "ctk": mock.MagicMock(), "slicer.ScriptedLoadableModule": scripted,
+            "slicer.parameterNodeWrapper": wrapper, "slicer.i18n": i18n, "slicer": slicer}
+
+
+@pytest.fixture
+def module(monkeypatch):
+    for name, stub in stub_modules().items():
+        monkeypatch.setitem(sys.modules, name, stub)
+    spec = importlib.util.spec_from_file_location("R1Seg3DSlicer", MODULE_FILE)
+    loaded = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(loaded)
+    return loaded
+
+
+def test_importing_the_module_loads_neither_torch_nor_the_engine():
+    probe = f"""
+import sys
+sys.path.insert(0, {str(MODULE_DIR)!r}); sys.path.insert(0, {str(Path(__file__).parent)!r})
+from test_slicer_chat import stub_modules
+sys.modules.update(stub_modules())
+import importlib.util
+spec = importlib.util.spec_from_file_location("R1Seg3DSlicer", {str(MODULE_FILE)!r})
+spec.loader.exec_module(importlib.util.module_from_spec(spec))
+heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "r1seg_core", "transformers", "monai", "SimpleITK"))
+print("HEAVY", heavy)
+"""
+    output = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert output.returncode == 0, output.stderr
+    assert "HEAVY []" in output.stdout, output.stdout
+
+
+def test_advanced_settings_become_ask_options(module):
+    parameters = SimpleNamespace(useModelDefaults=True, modelFolder="", device=module.DeviceChoice.AUTO,
+                                 refinementLoops=2, windowOverlap=0.6)
+    assert module.R1Seg3DSlicerLogic.askOptions(parameters) == engine.AskOptions(None, "auto", None, None)
+    parameters.useModelDefaults, parameters.modelFolder, parameters.device = False, "/models/r1", module.DeviceChoice.GPU
+    assert module.R1Seg3DSlicerLogic.askOptions(parameters) == engine.AskOptions("/models/r1", "cuda", 0.6, 2)
+
+
+def test_install_uses_pip_ensure_and_never_replaces_slicer_packages(module, monkeypatch):
+    import slicer
+
+    calls = {}
+    packaging = types.ModuleType("slicer.packaging")
+    packaging.load_requirements = lambda path: [line for line in Path(path).read_text().split("\n")
+                                                if line and not line.startswith("#")]
+    packaging.pip_check = lambda requirement: False
+    packaging.pip_ensure = lambda requirements, **kwargs: calls.update(requirements=requirements, **kwargs)
+    monkeypatch.setattr(slicer, "app", SimpleNamespace(majorVersion=5, minorVersion=12), raising=False)
+    monkeypatch.setattr(slicer, "packaging", packaging, raising=False)
+    monkeypatch.setitem(sys.modules, "slicer.packaging", packaging)
+
+    logic = module.R1Seg3DSlicerLogic(session=engine.R1SegSession())
+    assert not logic.ensureEngineInstalled(interactive=False)  # never installs without asking
+    assert calls == {}
+    assert logic.ensureEngineInstalled(interactive=True)
+    assert "transformers>=4.46" in calls["requirements"] and calls["requester"] == "R1Seg3D"
+    assert {"numpy", "SimpleITK", "torch"} <= set(calls["skip_packages"])
+    assert not any(r.split(">")[0].split("=")[0].lower() in ("numpy", "simpleitk", "torch") for r in calls["requirements"])
+
+
+def test_install_on_older_slicer_pins_slicer_packages(module, monkeypatch, tmp_path):
+    import slicer
+    import slicer.util
+    from importlib import metadata
+
+    requirements = tmp_path / "requirements.txt"
+    requirements.write_text("# test\nr1seg-package-that-does-not-exist>=1.0\n")
+    monkeypatch.setattr(module, "REQUIREMENTS_PATH", str(requirements))
+    monkeypatch.setattr(slicer, "app", SimpleNamespace(majorVersion=5, minorVersion=10), raising=False)
+    installed = {}
+
+    def pip_install(arguments):
+        installed["arguments"] = arguments
+        installed["constraints"] = Path(arguments[arguments.index("-c") + 1]).read_text()
+
+    monkeypatch.setattr(slicer.util, "pip_install", pip_install, raising=False)
+    monkeypatch.setattr(slicer.util, "confirmOkCancelDisplay", lambda *args, **kwargs: True, raising=False)
+
+    assert module.R1Seg3DSlicerLogic(session=engine.R1SegSession()).ensureEngineInstalled(interactive=True)
+    assert installed["arguments"][0] == "r1seg-package-that-does-not-exist>=1.0"
+    assert f"numpy=={metadata.version('numpy')}" in installed["constraints"]
+    assert f"SimpleITK=={metadata.version('SimpleITK')}" in installed["constraints"]
+
+
+class WindowedPredictor:
+    """Answers "liver" after `windows` progress steps of `pause` seconds; honours cancel."""
+
+    def __init__(self, windows=5, pause=0.0):
+        self.windows, self.pause = windows, pause
+
+    def ask(self, volume, question, *, conversation=None, progress=None, cancel=None, **options):
+        for window in range(self.windows):
+            time.sleep(self.pause)
+            if progress:
+                progress(window + 1, self.windows, "Segmenting")
+        mask = np.zeros(volume.array.shape, np.uint8)
+        mask[2:5, 3:6, 4:8] = 1
+        target = SimpleNamespace(name="liver", mask=mask, probability=None, volume_ml=0.05, voxel_count=int(mask.sum()))
+        return SimpleNamespace(answer="Here is the liver.", present=True, targets=[target], timings={}, notes=[],
+                               device="cpu")
+
+
+def run_logic_question(logic, volume_node, timeout=10.0):
+    logic.startQuestion(volume_node, "segment the liver", engine.AskOptions(device="cpu"))
+    events = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not any(isinstance(e, worker.TERMINAL_EVENTS) for e in events):
+        time.sleep(0.02)
+        events += logic.pollEvents()
+    return events
+
+
+def small_ct(headless):
+    from R1Seg3DSlicerLib import scene
+
+    return scene.add_volume_node(headless.scene, np.full((8, 9, 10), -50, np.int16), (1.0, 1.0, 2.0), (0, 0, 0),
+                                 np.eye(3), "ct")
+
+
+def test_logic_runs_a_question_in_the_background_and_writes_it(module):
+    pytest.importorskip("r1seg_core.volume")
+    from R1Seg3DSlicerLib import scene
+
+    headless = scene.create_headless_scene()
+    volume_node = small_ct(headless)
+    logic = module.R1Seg3DSlicerLogic(session=engine.R1SegSession(
+        predictor_factory=lambda folder, device: WindowedPredictor(), vocabulary_loader=lambda: None))
+    try:
+        events = run_logic_question(logic, volume_node)
+        progress = [(e.done, e.stage) for e in events if isinstance(e, worker.ProgressEvent)]
+        assert progress == [(0, "Loading the model")] + [(n, "Segmenting") for n in range(1, 6)]
+        assert isinstance(events[-1], worker.FinishedEvent)
+        second = run_logic_question(logic, volume_node)  # the model stays loaded
+        assert not any(isinstance(e, worker.ProgressEvent) and e.stage == "Loading the model" for e in second)
+        change, found = logic.writeAnswer(volume_node, events[-1].result)
+        assert found[0].name == "liver" and found[0].in_scene
+        segmentation_node = headless.scene.GetNodeByID(change.segmentation_node_id)
+        assert scene.segment_mask(segmentation_node, found[0].segment_id, volume_node).sum() == 36
+    finally:
+        logic.shutdown()
+
+
+def test_logic_cancel_adds_nothing(module):
+    pytest.importorskip("r1seg_core.volume")
+    from R1Seg3DSlicerLib import scene
+
+    headless = scene.create_headless_scene()
+    volume_node = small_ct(headless)
+    logic = module.R1Seg3DSlicerLogic(session=engine.R1SegSession(
+        predictor_factory=lambda folder, device: WindowedPredictor(windows=100, pause=0.05)))
+    try:
+        logic.startQuestion(volume_node, "segment the liver", engine.AskOptions(device="cpu"))
+        time.sleep(0.2)
+        logic.cancel()
+        cancelled_at = time.monotonic()
+        events = []
+        while not any(isinstance(e, worker.TERMINAL_EVENTS) for e in events):
+            assert time.monotonic() - cancelled_at < 1.0, "cancel took more than a second"
+            time.sleep(0.02)
+            events += logic.pollEvents()
+        assert isinstance(events[-1], worker.CancelledEvent)
+        assert headless.scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 0
+    finally:
+        logic.shutdown()

@@ -1,0 +1,319 @@
+"""Predictor.ask: a CT and a question in, the answer and one mask per target on the CT's own grid out.
+
+The path of one question: Volume -> canonical grid (preprocess) -> windows -> R1Seg3D per window (encoder ->
+projector -> LLM answer and [SEG] states -> segment projector -> decoder, n loops) -> Gaussian blending ->
+back to the input grid -> AnswerResult. Windows go through every stage in batches; the answer is scored
+against the model's answer templates (teacher forcing) or generated greedily, never sampled.
+"""
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import CancelledError, InvalidInputError, OutOfMemoryError
+from ..preprocess import PreprocessConfig, resize_to_window, to_input_grid, to_model_space
+from ..prompting import (POSITIVE_ANSWER, answer_ids, negative_answer, positive_answer, prompt_ids,
+                         targets_named_in_answer, validate_question)
+from ..volume import Volume, read_volume, validate_ct
+from .answers import WindowAnswers, greedy_decode, score_candidates
+from .conversation import Conversation
+from .result import AnswerResult, TargetResult
+from .windows import WindowStitcher, extract_windows, gaussian_importance_map, pad_to_roi, window_starts
+
+ANSWER_MODES = ("constrained", "generate")
+GLOBAL_STEP_MODES = ("off", "answer", "skip")
+UNNAMED_TARGET = "target"
+# A window is skipped by the global step when the coarse whole-CT mask has no voxel above this in it.
+SKIP_THRESHOLD = 0.1
+
+
+@dataclass
+class AskOptions:
+    overlap: float = 0.25
+    loops: int | None = None              # None: the checkpoint's refine_loops
+    window_batch: int | None = None       # None: 16 on a GPU, 4 on the CPU
+    answer_mode: str = "constrained"
+    global_step: str = "answer"
+    keep_probability: bool = False
+    threshold: float = 0.5
+
+    def validate(self) -> "AskOptions":
+        if not 0.0 <= self.overlap < 1.0:
+            raise InvalidInputError(f"window overlap must be in [0, 1); got {self.overlap}")
+        if self.loops is not None and not 0 <= self.loops <= 3:
+            raise InvalidInputError(f"refinement loops must be between 0 and 3; got {self.loops}")
+        if self.window_batch is not None and self.window_batch < 1:
+            raise InvalidInputError(f"window batch must be at least 1; got {self.window_batch}")
+        if self.answer_mode not in ANSWER_MODES:
+            raise InvalidInputError(f"answer mode must be one of {ANSWER_MODES}; got {self.answer_mode!r}")
+        if self.global_step not in GLOBAL_STEP_MODES:
+            raise InvalidInputError(f"global step must be one of {GLOBAL_STEP_MODES}; got {self.global_step!r}")
+        return self
+
+
+@dataclass
+class Query:
+    """One text the LLM answers per window, and which targets its [SEG] tokens stand for."""
+    prompt: list[int]
+    candidates: list[list[int]]
+    target_indices: list[int]
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise InvalidInputError("device 'cuda' was asked for, but no CUDA GPU is available; use --device cpu or auto")
+    return torch.device(device)
+
+
+class Timings(dict):
+    """Seconds per step, summed over windows; waits for the GPU so a step is charged its own kernels."""
+
+    def __init__(self, device: torch.device):
+        super().__init__()
+        self.device = device
+
+    @contextmanager
+    def __call__(self, step: str):
+        self._sync()
+        start = time.perf_counter()
+        yield
+        self._sync()
+        self[step] = self.get(step, 0.0) + time.perf_counter() - start
+
+    def _sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+class Predictor:
+    """Loads a model once and answers many questions about many CTs."""
+
+    def __init__(self, model_dir: str | Path | None = None, device: str = "auto", model=None):
+        from .. import default_model_path
+        from ..model import R1Seg3D
+        from ..vocabulary import load_vocabulary
+
+        self.device = resolve_device(device)
+        self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        if model is None:
+            self.model_dir = Path(model_dir) if model_dir else default_model_path()
+            model = R1Seg3D.from_pretrained(self.model_dir)
+        else:
+            self.model_dir = None
+        if model.language_model is None:
+            raise InvalidInputError("this model has no language model (SAM mode); the predictor answers questions with R1Seg3D models")
+        self.model = model.to(self.device, self.dtype).eval()
+        self.preprocess = PreprocessConfig.from_dict(model.config.preprocess)
+        self.vocabulary = load_vocabulary()
+
+    @property
+    def is_placeholder(self) -> bool:
+        return bool(self.model.config.card.get("untrained"))
+
+    # ---- public API ----------------------------------------------------------------------------------------
+
+    def ask(self, volume: Volume | str | Path, question: str, *, conversation: Conversation | None = None,
+            progress=None, cancel=None, **options) -> AnswerResult:
+        # None means "the default", so callers (the Slicer panel, the CLI) can pass unset fields through.
+        opts = AskOptions(**{k: v for k, v in options.items() if v is not None}).validate()
+        timings = Timings(self.device)
+        with timings("read"):
+            if not isinstance(volume, Volume):
+                volume = read_volume(volume)
+        validate_ct(volume)
+        question = validate_question(question)
+        targets = self._targets_in(question, conversation)
+        with timings("resample"):
+            array, grid = to_model_space(volume, self.preprocess)
+        notes = ["the model is an untrained placeholder: its masks are not meaningful"] if self.is_placeholder else []
+        history = conversation.history_text() if conversation else ""
+
+        image = torch.from_numpy(array)
+        roi = self.model.window_size
+        padded, crop = pad_to_roi(image, roi, value=0.0)
+        model_text, coarse = "", None
+        if opts.global_step != "off":
+            model_text, coarse = self._global_step(array, padded.shape, crop, question, history, opts, timings)
+            if not targets:
+                targets = self._targets_in_answer(model_text)
+        queries = self._queries(question, history, targets, opts)
+        starts = window_starts(padded.shape, roi, opts.overlap)
+        skipped = self._far_windows(starts, coarse, roi) if opts.global_step == "skip" else set()
+        names = targets or [UNNAMED_TARGET]
+        importance = gaussian_importance_map(roi, device=self.device)
+        stitchers = [WindowStitcher(padded.shape, roi, importance, device=self.device) for _ in names]
+        positives = [0] * len(names)
+        active = [s for s in starts if s not in skipped]
+        for stitcher in stitchers:
+            stitcher.add_background([s for s in starts if s in skipped])
+        self._run_windows(padded, active, queries, opts, stitchers, positives, timings, notes, progress, cancel, len(starts))
+
+        results = []
+        with timings("resample_back"):
+            for name, stitcher, count in zip(names, stitchers, positives):
+                probability = stitcher.result()[crop].float().cpu().numpy()
+                on_input = to_input_grid(probability, grid, volume)
+                mask = (on_input >= opts.threshold).astype(np.uint8)
+                voxels = int(mask.sum())
+                results.append(TargetResult(name, mask, on_input if opts.keep_probability else None,
+                                            voxels * volume.voxel_volume_ml, voxels, count))
+        answer = compose_answer(results, named=bool(targets))
+        result = AnswerResult(question, answer, results, dict(timings), notes, str(self.device), model_text, len(starts))
+        if conversation is not None:
+            conversation.add(question, answer, [t.name for t in results if t.present] or targets)
+        return result
+
+    # ---- targets and queries -------------------------------------------------------------------------------
+
+    def _targets_in(self, question: str, conversation: Conversation | None) -> list[str]:
+        names = [s.name for s in self.vocabulary.find_in_text(question)]
+        if not names and conversation is not None:
+            names = conversation.last_targets()
+        return names
+
+    def _targets_in_answer(self, text: str) -> list[str]:
+        names = []
+        for name in targets_named_in_answer(text):
+            structure = self.vocabulary.lookup(name) if name else None
+            if structure is not None and structure.name not in names:
+                names.append(structure.name)
+        return names
+
+    def _queries(self, question: str, history: str, targets: list[str], opts: AskOptions) -> list[Query]:
+        """One query for zero or one target (the user's own words); one explicit query per target otherwise."""
+        tokenizer, eos, n = self.model.tokenizer, self.model.token_ids["eos"], self.model.num_visual_tokens
+
+        def query(text: str, names: list[str], indices: list[int]) -> Query:
+            positive = positive_answer(names) if names else POSITIVE_ANSWER
+            candidates = [answer_ids(tokenizer, positive, eos), answer_ids(tokenizer, negative_answer(names), eos)]
+            return Query(prompt_ids(tokenizer, text, n, history), candidates, indices)
+
+        if len(targets) <= 1:
+            return [query(question, targets, [0])]
+        return [query(f"Please segment the {name}.", [name], [i]) for i, name in enumerate(targets)]
+
+    # ---- the global step -----------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def _global_step(self, array, padded_shape, crop, question, history, opts, timings):
+        """One pass over the whole CT resized to one window: the text answer and a coarse mask."""
+        roi = self.model.window_size
+        whole = torch.from_numpy(resize_to_window(array, roi)).to(self.device, self.dtype)[None, None]
+        with timings("global_step"):
+            tokens = self.model.encode_images(whole)
+            visual = self.model.projector(tokens)
+            prompt = prompt_ids(self.model.tokenizer, question, self.model.num_visual_tokens, history)
+            answers = greedy_decode(self.model, visual, prompt, self.model.config.max_answer_tokens)
+            text = self.model.tokenizer.decode(answers.token_ids[0], skip_special_tokens=False)
+            text = text.replace(self.model.tokenizer.eos_token or "", "").strip()
+            coarse = None
+            if opts.global_step == "skip" and len(answers.seg_states[0]):
+                seg = self.model.decode_masks(tokens.expand(len(answers.seg_states[0]), -1, -1),
+                                              self.model.segment_projector(answers.seg_states[0]), opts.loops)
+                probability = torch.sigmoid(seg.logits[:, 0].float()).amax(0)
+                coarse = torch.zeros(padded_shape, device=self.device)
+                coarse[crop] = torch.nn.functional.interpolate(
+                    probability[None, None], size=tuple(s.stop - s.start for s in crop), mode="trilinear")[0, 0]
+        return text, coarse
+
+    def _far_windows(self, starts, coarse, roi) -> set:
+        if coarse is None:
+            return set()
+        far = set()
+        for start in starts:
+            region = tuple(slice(s, s + r) for s, r in zip(start, roi))
+            if coarse[region].max() < SKIP_THRESHOLD:
+                far.add(start)
+        return far
+
+    # ---- windows -------------------------------------------------------------------------------------------
+
+    def _run_windows(self, padded, starts, queries, opts, stitchers, positives, timings, notes, progress, cancel, total):
+        batch = opts.window_batch or (16 if self.device.type == "cuda" else 4)
+        done = total - len(starts)
+        position = 0
+        while position < len(starts):
+            if cancel is not None and cancel.is_set():
+                raise CancelledError("cancelled by the user")
+            chunk = starts[position:position + batch]
+            try:
+                self._process_windows(padded, chunk, queries, opts, stitchers, positives, timings)
+            except torch.OutOfMemoryError:
+                batch = self._recover_from_oom(batch, notes)
+                continue
+            position += len(chunk)
+            done += len(chunk)
+            if progress is not None:
+                progress(done, total, "windows")
+
+    def _recover_from_oom(self, batch: int, notes: list[str]) -> int:
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        if batch > 1:
+            notes.append(f"out of GPU memory: retried with {batch // 2} windows per batch")
+            return batch // 2
+        if self.device.type == "cuda":
+            notes.append("out of GPU memory even with one window per batch: finished on the CPU")
+            self.device, self.dtype = torch.device("cpu"), torch.float32
+            self.model.to(self.device, self.dtype)
+            return 1
+        raise OutOfMemoryError("out of memory on the CPU even with one window per batch; free memory or use a smaller model")
+
+    @torch.no_grad()
+    def _process_windows(self, padded, chunk, queries, opts, stitchers, positives, timings):
+        roi = self.model.window_size
+        windows = extract_windows(padded, chunk, roi).to(self.device, self.dtype)
+        with timings("encoder"):
+            tokens = self.model.encode_images(windows)
+            visual = self.model.projector(tokens)
+        for query in queries:
+            with timings("llm"):
+                answers = self._answer(visual, query, opts)
+            self._decode_and_stitch(tokens, chunk, answers, query, opts, stitchers, positives, timings)
+
+    def _answer(self, visual, query: Query, opts: AskOptions) -> WindowAnswers:
+        if opts.answer_mode == "constrained":
+            return score_candidates(self.model, visual, query.prompt, query.candidates)
+        return greedy_decode(self.model, visual, query.prompt, self.model.config.max_answer_tokens)
+
+    def _decode_and_stitch(self, tokens, chunk, answers, query, opts, stitchers, positives, timings):
+        """Decode one mask per [SEG] of each window; a window without [SEG] adds background to every target."""
+        rows, prompts, owners = [], [], []
+        for row, states in enumerate(answers.seg_states):
+            for k in range(min(len(states), len(query.target_indices))):
+                rows.append(row)
+                prompts.append(states[k])
+                owners.append(query.target_indices[k])
+        probabilities = None
+        if rows:
+            with timings("decoder"):
+                prompt = self.model.segment_projector(torch.stack(prompts))
+                segmentation = self.model.decode_masks(tokens[rows], prompt, opts.loops)
+                probabilities = torch.sigmoid(segmentation.logits[:, 0].float())
+        with timings("stitching"):
+            for target in query.target_indices:
+                hits = [i for i, owner in enumerate(owners) if owner == target]
+                hit_rows = {rows[i] for i in hits}
+                if hits:
+                    stitchers[target].add(probabilities[hits], [chunk[rows[i]] for i in hits])
+                    positives[target] += len(hit_rows)
+                stitchers[target].add_background([start for row, start in enumerate(chunk) if row not in hit_rows])
+
+
+def compose_answer(targets: list[TargetResult], named: bool) -> str:
+    """The user-facing answer: what was found, with volumes, and what is not there."""
+    parts = []
+    for target in targets:
+        label = target.name if named else "the target"
+        if target.present:
+            parts.append(f"Found {'the ' if named else ''}{label}: {target.volume_ml:.1f} mL ({target.voxel_count} voxels).")
+        else:
+            parts.append(negative_answer([label] if named else []))
+    return " ".join(parts)
