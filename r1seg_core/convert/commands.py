@@ -1,19 +1,14 @@
-"""The `convert` and `compat-run` subcommands; `register(subparsers)` adds them to a CLI parser.
+"""The `convert` and `compat-run` subcommands of `r1seg`; `register(subparsers)` adds them to its parser.
 
-Each subcommand stores its handler as `handler` (`args.handler(args)` returns the exit code). The heavy modules
-load inside the handlers, so building the parser and `--help` stay fast.
+Each subcommand stores its handler as `handler` (`args.handler(args)` returns the exit code; errors are raised as
+R1SegError for the CLI to report). The heavy modules load inside the handlers, so `--help` stays fast.
 """
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-from ..errors import R1SegError
 from .keymaps import SOURCE_KINDS
-
-EXIT_OK = 0
-EXIT_FAILED = 1
 
 
 def register(subparsers) -> None:
@@ -58,24 +53,16 @@ def run_convert(args: argparse.Namespace) -> int:
     from .converters import convert
 
     _quiet_progress_bars()
-    try:
-        report = convert(args.source_kind, args.source, args.destination, config_path=args.config,
-                         tokenizer_path=args.tokenizer, skip_keys=tuple(args.skip_keys), merge_lora=args.merge_lora)
-    except R1SegError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return EXIT_FAILED
+    report = convert(args.source_kind, args.source, args.destination, config_path=args.config,
+                     tokenizer_path=args.tokenizer, skip_keys=tuple(args.skip_keys), merge_lora=args.merge_lora)
     print(report.summary())
-    return EXIT_OK
+    return 0
 
 
 def run_compat_command(args: argparse.Namespace) -> int:
     from .compat_run import run_compat
 
     _quiet_progress_bars()
-    try:
-        names = run_compat(args.model_dir, args.io_file, args.out_file)
-    except R1SegError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return EXIT_FAILED
+    names = run_compat(args.model_dir, args.io_file, args.out_file)
     print(f"wrote {len(names)} tensors to {args.out_file}")
-    return EXIT_OK
+    return 0

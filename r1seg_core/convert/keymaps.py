@@ -38,7 +38,6 @@ _VISION_RULES = (
 )
 
 
-
 def _sam_rules(clip_inner_prefix: str) -> tuple:
     """The original kept transformers 4.x's CLIPTextModel, whose layers sit under `text_model.`; transformers 5
     dropped that level. `clip_inner_prefix` is what the installed version's model has there ("text_model." or "")."""
@@ -69,7 +68,6 @@ _SEGVOL_RULES = (
     (SEGVOL_ENCODER_PREFIX + "patch_embedding.position_embeddings", "image_encoder.position_embeddings"),
     (SEGVOL_ENCODER_PREFIX, "image_encoder."),
 )
-
 
 
 @dataclass
