@@ -1,0 +1,177 @@
+"""Predictor.ask on real CTs with a small model: batching changes nothing, geometry is exact, bad input is refused."""
+import dataclasses
+import json
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from r1seg_core import prompting
+from r1seg_core.cli import main as r1seg
+from r1seg_core.errors import CancelledError, InvalidInputError
+from r1seg_core.inference import Conversation, Predictor
+from r1seg_core.inference.answers import greedy_decode, score_candidates
+from r1seg_core.model import build_model, preset_config
+from r1seg_core.volume import Volume, read_volume
+
+WINDOW = (16, 32, 64)
+
+
+def small_model(seed=0):
+    torch.manual_seed(seed)
+    config = preset_config("tiny")
+    config.encoder = dataclasses.replace(config.encoder, image_size=WINDOW)
+    # A coarse model grid keeps the number of windows small on the CPU.
+    config.preprocess = {"spacing_zyx": [4.0, 4.0, 4.0], "hu_min": -1000.0, "hu_max": 1000.0}
+    model = build_model(config).eval()
+    # Scale up the decoder's output so the untrained masks are neither empty nor full.
+    with torch.no_grad():
+        model.mask_decoder.prompt_similarity.weight.mul_(20)
+    return model
+
+
+@pytest.fixture(scope="module")
+def predictor():
+    return Predictor(model=small_model(), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def ct(shared_ct):
+    return read_volume(shared_ct / "totalseg_example" / "example_ct_sm.nii.gz")
+
+
+def test_batched_windows_equal_one_window_at_a_time(predictor, ct):
+    decoded_windows = 0
+    for mode in ("constrained", "generate"):
+        one = predictor.ask(ct, "segment the liver", window_batch=1, answer_mode=mode, keep_probability=True, overlap=0.5)
+        many = predictor.ask(ct, "segment the liver", window_batch=7, answer_mode=mode, keep_probability=True, overlap=0.5)
+        assert one.windows == many.windows > 7
+        assert [t.windows_positive for t in one.targets] == [t.windows_positive for t in many.targets]
+        np.testing.assert_allclose(one.targets[0].probability, many.targets[0].probability, atol=1e-4)
+        assert np.array_equal(one.targets[0].mask, many.targets[0].mask), f"{mode}: masks differ voxel for voxel"
+        assert one.answer == many.answer
+        decoded_windows += one.targets[0].windows_positive
+    assert decoded_windows > 0, "the comparison must cover windows whose masks were decoded"
+
+
+def test_teacher_forced_answer_matches_the_full_forward_and_generation(predictor):
+    model = predictor.model
+    tokens = model.encode_images(torch.rand(3, 1, *WINDOW))
+    visual = model.projector(tokens)
+    prompt = prompting.prompt_ids(model.tokenizer, "Where is the liver?", model.num_visual_tokens)
+    eos = model.token_ids["eos"]
+    candidates = [prompting.answer_ids(model.tokenizer, a, eos) for a in ("The liver is [SEG].", "Sorry, there is no liver.")]
+    with torch.no_grad():
+        scored = score_candidates(model, visual, prompt, candidates)
+        for row, choice in enumerate(scored.choice):
+            batch = prompting.build_teacher_forced_batch([prompt], [candidates[choice]], model.token_ids["pad"])
+            full = model.embed_prompt_sequence(batch.input_ids, visual[row:row + 1])
+            hidden, _ = model.language_model(full, batch.attention_mask)
+            positions = model.seg_positions(batch.input_ids)[0]
+            expected = hidden[0, positions] if positions else hidden.new_zeros(0, hidden.shape[-1])
+            torch.testing.assert_close(scored.seg_states[row], expected, atol=1e-5, rtol=1e-5)
+            # The chosen candidate is the likelier one under the same model.
+            logits = model.language_model.logits(hidden[0, len(prompt) - 1:-1])
+            chosen = torch.log_softmax(logits, -1).gather(-1, torch.tensor(candidates[choice])[:, None]).sum()
+            other = candidates[1 - choice]
+            batch_other = prompting.build_teacher_forced_batch([prompt], [other], model.token_ids["pad"])
+            hidden_other, _ = model.language_model(model.embed_prompt_sequence(batch_other.input_ids, visual[row:row + 1]))
+            logits_other = model.language_model.logits(hidden_other[0, len(prompt) - 1:-1])
+            assert chosen >= torch.log_softmax(logits_other, -1).gather(-1, torch.tensor(other)[:, None]).sum() - 1e-4
+        generated = greedy_decode(model, visual, prompt, max_new_tokens=6)
+        for row in range(3):
+            sequence = torch.tensor([prompt + generated.token_ids[row][:-1]])
+            hidden, _ = model.language_model(model.embed_prompt_sequence(sequence, visual[row:row + 1]))
+            argmax = model.language_model.logits(hidden[0, len(prompt) - 1:]).argmax(-1).tolist()
+            assert argmax == generated.token_ids[row]
+
+
+def test_masks_come_back_on_the_input_grid_for_flipped_and_oblique_volumes(predictor, ct):
+    angle = np.deg2rad(20)
+    rotation = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]])
+    flipped = Volume(ct.array[:, ::-1].copy(), ct.spacing, ct.origin, ct.direction @ np.diag([1, -1, 1]))
+    oblique = Volume(ct.array, (ct.spacing[0], ct.spacing[1] * 0.5, ct.spacing[2] * 2), ct.origin, rotation @ ct.direction)
+    for volume in (flipped, oblique):
+        result = predictor.ask(volume, "segment the liver", global_step="off")
+        assert result.targets[0].mask.shape == volume.shape
+        assert result.targets[0].mask.dtype == np.uint8
+        assert result.targets[0].volume_ml == pytest.approx(result.targets[0].voxel_count * volume.voxel_volume_ml)
+
+
+def test_multi_target_question_gives_one_entry_per_target(predictor, ct):
+    result = predictor.ask(ct, "Segment the liver and the left kidney", global_step="off")
+    assert [t.name for t in result.targets] == ["liver", "left kidney"]
+    labels, names = result.labelmap()
+    assert names == {1: "liver", 2: "left kidney"} and labels.shape == ct.shape
+
+
+def test_follow_up_question_reuses_the_conversation(predictor, ct):
+    conversation = Conversation()
+    predictor.ask(ct, "segment the spleen", conversation=conversation, global_step="off")
+    follow_up = predictor.ask(ct, "and how large is it?", conversation=conversation, global_step="off")
+    assert [t.name for t in follow_up.targets] == ["spleen"]
+    assert len(conversation.turns) == 2 and "spleen" in conversation.history_text()
+
+
+def test_progress_and_cancel(predictor, ct):
+    seen = []
+    result = predictor.ask(ct, "segment the liver", progress=lambda done, total, stage: seen.append((done, total)),
+                           window_batch=2, global_step="off")
+    assert seen[-1] == (result.windows, result.windows) and len(seen) > 1
+    cancel = threading.Event()
+
+    def cancel_after_first(done, total, stage):
+        cancel.set()
+
+    with pytest.raises(CancelledError):
+        predictor.ask(ct, "segment the liver", progress=cancel_after_first, cancel=cancel, window_batch=1, global_step="off")
+
+
+def test_global_step_skip_processes_fewer_windows(predictor, ct):
+    counted = {}
+    for mode in ("answer", "skip"):
+        calls = []
+        predictor.ask(ct, "segment the liver", global_step=mode, window_batch=1,
+                      progress=lambda done, total, stage: calls.append(done))
+        counted[mode] = calls
+    assert len(counted["skip"]) <= len(counted["answer"])
+
+
+def test_bad_input_is_refused(predictor, ct):
+    with pytest.raises(InvalidInputError, match="empty"):
+        predictor.ask(ct, "  ")
+    broken = ct.array.astype(np.float32)
+    broken[0, 0, 0] = np.nan
+    with pytest.raises(InvalidInputError, match="NaN"):
+        predictor.ask(ct.with_array(broken), "segment the liver")
+    with pytest.raises(InvalidInputError, match="overlap"):
+        predictor.ask(ct, "segment the liver", overlap=1.5)
+    with pytest.raises(InvalidInputError, match="loops"):
+        predictor.ask(ct, "segment the liver", loops=5)
+    with pytest.raises(InvalidInputError):
+        predictor.ask("/nonexistent/ct.nii.gz", "segment the liver")
+
+
+def test_cli_ask_and_info(tmp_path, shared_ct, capsys):
+    model_dir = small_model().save_pretrained(tmp_path / "model")
+    ct_path = str(shared_ct / "totalseg_example" / "example_ct_sm.nii.gz")
+    out, report = tmp_path / "out.seg.nrrd", tmp_path / "result.json"
+    code = r1seg(["ask", ct_path, "segment the liver", "-o", str(out), "--model", str(model_dir), "--device", "cpu",
+                  "--json", str(report), "--overlap", "0.5"])
+    assert code == 0
+    data = json.loads(report.read_text())
+    assert data["targets"][0]["name"] == "liver" and set(data["timings_s"]) >= {"encoder", "llm", "resample"}
+    if data["present"]:
+        written = read_volume(out)
+        assert written.shape == read_volume(ct_path).shape
+    assert r1seg(["info", str(model_dir)]) == 0
+    assert "window (D,H,W): (16, 32, 64)" in capsys.readouterr().out
+
+    # Bad input: clear message, non-zero exit, nothing written.
+    fresh = tmp_path / "never.seg.nrrd"
+    assert r1seg(["ask", ct_path, "", "-o", str(fresh), "--model", str(model_dir)]) == 2
+    assert r1seg(["ask", str(tmp_path / "missing.nii.gz"), "segment the liver", "-o", str(fresh), "--model", str(model_dir)]) == 2
+    assert r1seg(["ask", ct_path, "segment the liver", "-o", str(fresh), "--model", str(tmp_path)]) == 3
+    assert not fresh.exists()
+    assert "error:" in capsys.readouterr().err

@@ -1,0 +1,100 @@
+"""Time one whole-CT question: per-step seconds, windows per second, peak memory, and the fast path's speed-up.
+
+The baseline is the paper's way, measured in the same run on the same model and CT: one window at a time,
+with the answer generated token by token. The fast path batches windows and scores the answer templates.
+
+    python benchmarks/inference.py --preset tiny                      # bundled sample CT, CPU
+    python benchmarks/inference.py --preset mid --ct CT --device cpu
+    python benchmarks/inference.py --preset phi3-mini --synthetic 225,410,410 --overlap 0.5 --device cuda
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import resource
+import time
+
+import numpy as np
+import torch
+
+from r1seg_core.inference import Predictor
+from r1seg_core.model import build_model, preset_config
+from r1seg_core.volume import Volume, read_volume, sample_ct_path, write_labelmap
+
+
+def synthetic_ct(shape_zyx: tuple[int, int, int], spacing_zyx=(2.0, 1.0, 1.0)) -> Volume:
+    """A body-like HU volume (soft tissue ellipse in air) of the given size; only its size matters for timing."""
+    z, y, x = np.ogrid[:shape_zyx[0], :shape_zyx[1], :shape_zyx[2]]
+    body = ((y - shape_zyx[1] / 2) / (shape_zyx[1] * 0.45)) ** 2 + ((x - shape_zyx[2] / 2) / (shape_zyx[2] * 0.45)) ** 2 < 1
+    array = np.where(np.broadcast_to(body, shape_zyx), 40, -1000).astype(np.int16)
+    array += np.random.default_rng(0).integers(-20, 20, size=shape_zyx, dtype=np.int16)
+    return Volume(array, tuple(reversed(spacing_zyx)), (0.0, 0.0, 0.0), np.eye(3))
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run(predictor: Predictor, volume: Volume, question: str, **options) -> tuple[float, object]:
+    start = time.perf_counter()
+    result = predictor.ask(volume, question, **options)
+    return time.perf_counter() - start, result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="tiny")
+    parser.add_argument("--model", help="a model folder instead of a preset with random weights")
+    parser.add_argument("--ct", help="CT file or DICOM folder (default: the bundled sample CT)")
+    parser.add_argument("--synthetic", help="time a synthetic CT of this z,y,x size at 2x1x1 mm instead")
+    parser.add_argument("--question", default="segment the liver")
+    parser.add_argument("--overlap", type=float, default=0.25)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--window-batch", type=int, default=None)
+    parser.add_argument("--repeats", type=int, default=2, help="fast-path runs; the best is reported")
+    parser.add_argument("--skip-baseline", action="store_true", help="do not time the one-window-at-a-time path")
+    args = parser.parse_args()
+
+    torch.manual_seed(0)
+    if args.model:
+        predictor = Predictor(args.model, device=args.device)
+    else:
+        predictor = Predictor(model=build_model(preset_config(args.preset)), device=args.device)
+    device = predictor.device
+    start = time.perf_counter()
+    volume = synthetic_ct(tuple(int(v) for v in args.synthetic.split(","))) if args.synthetic else read_volume(args.ct or sample_ct_path())
+    read_s = time.perf_counter() - start
+    cpu = platform.processor() or platform.machine()
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU {cpu}, {torch.get_num_threads()} threads"
+    print(f"device: {name}; torch {torch.__version__}; model: {args.model or args.preset}; CT {volume.shape} (z,y,x) "
+          f"spacing {tuple(round(s, 3) for s in volume.spacing)} mm; overlap {args.overlap}")
+
+    run(predictor, volume, args.question, overlap=args.overlap, window_batch=args.window_batch)   # warm-up
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    fast_s, fast = min((run(predictor, volume, args.question, overlap=args.overlap, window_batch=args.window_batch,
+                            global_step="off") for _ in range(args.repeats)), key=lambda pair: pair[0])
+    peak = peak_memory_mb(device)
+    start = time.perf_counter()
+    if fast.present:
+        write_labelmap("/tmp/r1seg_benchmark.seg.nrrd", fast.labelmap()[0], volume, fast.labelmap()[1])
+    write_s = time.perf_counter() - start
+    print(f"windows: {fast.windows}")
+    print("fast path (batched windows, teacher-forced answer), seconds per step:")
+    for step, seconds in {"read": read_s, **fast.timings, "write": write_s}.items():
+        print(f"  {step:14s} {seconds:8.3f}")
+    print(f"  {'total':14s} {fast_s:8.3f}  ({fast.windows / fast_s:.1f} windows/s), peak memory {peak:.0f} MB")
+    with_global_s, _ = run(predictor, volume, args.question, overlap=args.overlap, window_batch=args.window_batch,
+                           global_step="answer")
+    print(f"with the global text-answer step: {with_global_s:.3f} s")
+    if not args.skip_baseline:
+        base_s, base = run(predictor, volume, args.question, overlap=args.overlap, window_batch=1,
+                           answer_mode="generate", global_step="off")
+        print(f"baseline (one window at a time, generated answer): {base_s:.3f} s "
+              f"({base.windows / base_s:.2f} windows/s); fast path speed-up x{base_s / fast_s:.2f}")
+
+
+if __name__ == "__main__":
+    main()
