@@ -144,7 +144,8 @@ class LanguageModel(nn.Module):
         decoder = self.causal_lm.get_decoder()
         out = decoder(inputs_embeds=inputs_embeds, attention_mask=attention_mask, use_cache=use_cache,
                       position_ids=position_ids, **{_cache_argument(decoder): past_key_values})
-        return out.last_hidden_state, getattr(out, "past_key_values", None)
+        cache_field = "cache" if "cache" in out else "past_key_values"
+        return out.last_hidden_state, out.get(cache_field)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()
