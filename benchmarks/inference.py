@@ -61,7 +61,10 @@ def main() -> None:
     if args.model:
         predictor = Predictor(args.model, device=args.device)
     else:
-        predictor = Predictor(model=build_model(preset_config(args.preset)), device=args.device)
+        # Random weights built directly in bf16 on a GPU machine: a paper-size LLM in fp32 would double host memory.
+        on_gpu = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+        model = build_model(preset_config(args.preset), dtype=torch.bfloat16 if on_gpu else None)
+        predictor = Predictor(model=model, device=args.device)
     device = predictor.device
     start = time.perf_counter()
     volume = synthetic_ct(tuple(int(v) for v in args.synthetic.split(","))) if args.synthetic else read_volume(args.ct or sample_ct_path())
@@ -86,9 +89,14 @@ def main() -> None:
     for step, seconds in {"read": read_s, **fast.timings, "write": write_s}.items():
         print(f"  {step:14s} {seconds:8.3f}")
     print(f"  {'total':14s} {fast_s:8.3f}  ({fast.windows / fast_s:.1f} windows/s), peak memory {peak:.0f} MB")
-    with_global_s, _ = run(predictor, volume, args.question, overlap=args.overlap, window_batch=args.window_batch,
-                           global_step="answer")
-    print(f"with the global text-answer step: {with_global_s:.3f} s")
+    with_global_s, with_global = run(predictor, volume, args.question, overlap=args.overlap, window_batch=args.window_batch,
+                                     global_step="answer")
+    print(f"global text-answer step: {with_global.timings['global_step']:.3f} s of a {with_global_s:.3f} s run")
+    skip_s, skipping = run(predictor, volume, args.question, overlap=args.overlap, window_batch=args.window_batch,
+                           global_step="skip")
+    decoded = sum(t.windows_positive for t in skipping.targets)
+    print(f"global step skipping far windows: {skip_s:.3f} s, {decoded} of {skipping.windows} windows decoded "
+          f"(an untrained model's coarse mask decides nothing useful)")
     if not args.skip_baseline:
         base_s, base = run(predictor, volume, args.question, overlap=args.overlap, window_batch=1,
                            answer_mode="generate", global_step="off")
