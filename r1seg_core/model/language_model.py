@@ -142,10 +142,10 @@ class LanguageModel(nn.Module):
                 past_key_values=None, use_cache: bool = False, position_ids: torch.Tensor | None = None):
         """Runs the decoder stack; returns (last hidden states after the final norm, cache)."""
         decoder = self.causal_lm.get_decoder()
+        cache_name = _cache_argument(decoder)
         out = decoder(inputs_embeds=inputs_embeds, attention_mask=attention_mask, use_cache=use_cache,
-                      position_ids=position_ids, **{_cache_argument(decoder): past_key_values})
-        cache_field = "cache" if "cache" in out else "past_key_values"
-        return out.last_hidden_state, out.get(cache_field)
+                      position_ids=position_ids, **{cache_name: past_key_values})
+        return out.last_hidden_state, (getattr(out, cache_name) if use_cache else None)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()
