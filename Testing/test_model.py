@@ -8,7 +8,6 @@ import SimpleITK as sitk
 import torch
 
 from r1seg_core import prompting
-from r1seg_core.config import EncoderConfig
 from r1seg_core.errors import CheckpointError, InvalidInputError
 from r1seg_core.model import R1Seg3D, build_model, preset_config, set_trainable
 

@@ -117,8 +117,12 @@ def test_reading_problems_name_the_path(shared_ct, tmp_path):
     empty_folder.mkdir()
     not_an_image = tmp_path / "notes.nii.gz"
     not_an_image.write_text("not an image")
+    whole = (shared_ct / "totalseg_example" / "example_ct_sm.nii.gz").read_bytes()
+    truncated = tmp_path / "truncated.nii.gz"
+    truncated.write_bytes(whole[: len(whole) * 2 // 3])   # ITK alone would read it and zero-fill the rest
     for path, expected in [
         (tmp_path / "missing.nii.gz", "no such file"),
+        (truncated, "truncated or corrupt"),
         (not_an_image, "cannot read"),
         (empty_folder, "no DICOM series"),
         (shared_ct / "README.md", "cannot read"),

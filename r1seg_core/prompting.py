@@ -26,6 +26,8 @@ POSITIVE_ANSWER = "It is [SEG]."
 NAMED_POSITIVE_ANSWER = "The {target} is [SEG]."
 NEGATIVE_ANSWER = "Sorry, there is no {target}."
 MULTI_TARGET_JOIN = " and "
+# A multi-target question is answered one target at a time, each with this explicit question.
+PER_TARGET_QUESTION = "Please segment the {target}."
 
 EXPLICIT_QUESTIONS = (
     "Can you segment the {target} in this image?",

@@ -10,8 +10,10 @@ direction and the first two origin coordinates before building a `Volume`.
 from __future__ import annotations
 
 import colorsys
+import gzip
 import os
 import secrets
+import zlib
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import NamedTuple
@@ -182,7 +184,19 @@ def read_volume(path) -> Volume:
         raise InvalidInputError(f"{path}: {error}") from None
 
 
+def _check_gzip_is_whole(path: Path) -> None:
+    """ITK reads a truncated .nii.gz without complaint and fills the missing voxels with zeros."""
+    try:
+        with gzip.open(path, "rb") as stream:
+            while stream.read(1 << 24):
+                pass
+    except (OSError, EOFError, zlib.error) as error:
+        raise InvalidInputError(f"{path}: cannot read it, the file is truncated or corrupt ({error})") from None
+
+
 def _read_image_file(path: Path) -> sitk.Image:
+    if path.name.lower().endswith(".gz"):
+        _check_gzip_is_whole(path)
     try:
         return sitk.ReadImage(str(path))
     except RuntimeError as error:

@@ -17,7 +17,7 @@ import torch
 
 from ..errors import CancelledError, InvalidInputError, OutOfMemoryError
 from ..preprocess import PreprocessConfig, resize_to_window, to_input_grid, to_model_space
-from ..prompting import (POSITIVE_ANSWER, answer_ids, negative_answer, positive_answer, prompt_ids,
+from ..prompting import (PER_TARGET_QUESTION, POSITIVE_ANSWER, answer_ids, negative_answer, positive_answer, prompt_ids,
                          targets_named_in_answer, validate_question)
 from ..volume import Volume, read_volume, validate_ct
 from .answers import WindowAnswers, greedy_decode, score_candidates
@@ -197,7 +197,7 @@ class Predictor:
 
         if len(targets) <= 1:
             return [query(question, targets, [0])]
-        return [query(f"Please segment the {name}.", [name], [i]) for i, name in enumerate(targets)]
+        return [query(PER_TARGET_QUESTION.format(target=name), [name], [i]) for i, name in enumerate(targets)]
 
     # ---- the global step -----------------------------------------------------------------------------------
 

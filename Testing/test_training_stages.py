@@ -1,0 +1,197 @@
+"""The four training stages end to end on the CPU: two gloo ranks started by DeepSpeed's own launcher, the real
+DeepSpeed engine (ZeRO-2), crops of the real CTs in ../shared/data/ct, a few steps per stage.
+
+One run of training/run_stages.sh (module fixture) serves the loss, handover, export and skip tests; the resume
+test kills a second run of stage 3 after a checkpoint and checks that resuming lands on the same weights.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from safetensors.numpy import load_file
+
+from r1seg_core.model import R1Seg3D
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS = 8
+SAVE_EVERY = 2
+pytestmark = pytest.mark.slow
+
+
+def short_recipe(folder: Path, shared_ct: Path) -> Path:
+    """The tiny recipe, pointed at the shared CTs, with STEPS steps per stage."""
+    recipe = folder / "recipe"
+    for source in (REPO / "training" / "recipes" / "tiny").iterdir():
+        (recipe / source.name).parent.mkdir(parents=True, exist_ok=True)
+        (recipe / source.name).write_bytes(source.read_bytes())
+    data = yaml.safe_load((recipe / "data.yaml").read_text())
+    data["sources"][0]["path"] = str(shared_ct / "manifest.json")
+    (recipe / "data.yaml").write_text(yaml.safe_dump(data))
+    for stage in (1, 2, 3, 4):
+        path = recipe / f"stage{stage}.yaml"
+        config = yaml.safe_load(path.read_text())
+        config.update(max_steps=STEPS, save_every_steps=SAVE_EVERY)
+        path.write_text(yaml.safe_dump(config))
+    return recipe
+
+
+def environment() -> dict:
+    return {**os.environ, "PYTHON": sys.executable,
+            "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+
+
+def launch(stage: int, recipe: Path, output: Path, data: Path) -> list[str]:
+    """DeepSpeed's launcher (what the `deepspeed` command runs) with two CPU ranks, for one stage."""
+    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
+            "--module", "training.train", "--stage", str(stage), "--recipe", str(recipe), "--output", str(output),
+            "--data", str(data)]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def run_stages(recipe: Path, output: Path, data: Path | None = None) -> subprocess.CompletedProcess:
+    command = [str(REPO / "training" / "run_stages.sh"), "--nproc", "2", "--config", str(recipe), "--output", str(output)]
+    if data is not None:
+        command += ["--data", str(data)]
+    return subprocess.run(command, cwd=REPO, env=environment(), capture_output=True, text=True, timeout=1200)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, shared_ct):
+    root = tmp_path_factory.mktemp("training")
+    recipe = short_recipe(root, shared_ct)
+    result = run_stages(recipe, root / "run")
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    return root / "run", recipe
+
+
+def losses(run: Path, stage: int) -> list[float]:
+    with (run / f"stage{stage}" / "metrics.csv").open() as handle:
+        return [float(row["loss"]) for row in csv.DictReader(handle)]
+
+
+def weights(folder: Path) -> dict[str, np.ndarray]:
+    return load_file(str(folder / "model.safetensors"))
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3, 4])
+def test_each_stage_lowers_its_loss_and_logs_it(trained, stage):
+    run, _ = trained
+    curve = losses(run, stage)
+    assert len(curve) == STEPS
+    assert np.mean(curve[-3:]) < np.mean(curve[:3]), curve
+    assert list((run / f"stage{stage}" / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_stages_hand_over_through_their_exports(trained):
+    run, _ = trained
+    sam, stage2, stage3, final = (weights(run / p) for p in ("stage1/model", "stage2/model", "stage3/model", "final"))
+    assert not any(k.startswith("language_model.") for k in sam)       # stage 1 is the SAM mode
+    assert any(k.startswith("text_encoder.") for k in sam) and not any(k.startswith("text_encoder.") for k in final)
+    encoder = [k for k in sam if k.startswith("image_encoder.")]
+    decoder = [k for k in sam if k.startswith("mask_decoder.")]
+    # The encoder trains in stage 1 only; the decoder in stages 1 and 4.
+    assert all(np.array_equal(sam[k], final[k]) for k in encoder)
+    assert all(np.array_equal(sam[k], stage3[k]) for k in decoder)
+    assert not all(np.array_equal(sam[k], final[k]) for k in decoder)
+    # Stage 3 trained the LLM through LoRA; its export holds the merged weights, no adapter.
+    assert not any("lora_" in k for k in stage3)
+    assert any(not np.array_equal(stage2[k], stage3[k]) for k in stage2 if ".self_attn." in k)
+
+
+def test_final_folder_loads_and_answers(trained, shared_ct):
+    from r1seg_core.inference import Predictor
+
+    run, _ = trained
+    model = R1Seg3D.from_pretrained(run / "final")
+    assert model.window_size == (32, 128, 128) and model.config.preprocess["spacing_zyx"] == [2.0, 1.0, 1.0]
+    assert model.language_model is not None and not model.language_model.has_lora
+    result = Predictor(run / "final", device="cpu").ask(shared_ct / "totalseg_pulmonary_report" / "ct_cropped.nii.gz",
+                                                        "segment the heart")
+    assert result.answer and [t.name for t in result.targets] == ["heart"]
+
+
+def test_rerun_skips_finished_stages(trained):
+    run, recipe = trained
+    result = run_stages(recipe, run)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert all(f"stage {n} already finished" in result.stdout for n in (1, 2, 3, 4))
+
+
+def test_resume_after_kill_matches_the_uninterrupted_run(trained, tmp_path):
+    run, recipe = trained
+    output = tmp_path / "resumed"
+    (output / "stage2").mkdir(parents=True)
+    os.symlink(run / "stage2" / "model", output / "stage2" / "model")
+    command = launch(3, recipe, output, run / "data")
+    latest = output / "stage3" / "checkpoints" / "latest"
+    first = subprocess.Popen(command, cwd=REPO, env=environment(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not latest.is_file() and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)       # the launcher and both ranks, mid-run
+        first.wait()
+    killed_at = int(latest.read_text().strip().removeprefix("step"))
+    assert killed_at < STEPS and not (output / "stage3" / "model").exists()
+    second = subprocess.run(command, cwd=REPO, env=environment(), capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert f"resumed from step {killed_at} of {STEPS}" in second.stdout
+    resumed, uninterrupted = weights(output / "stage3" / "model"), weights(run / "stage3" / "model")
+    assert resumed.keys() == uninterrupted.keys()
+    for key in resumed:
+        np.testing.assert_allclose(resumed[key], uninterrupted[key], rtol=1e-5, atol=1e-6, err_msg=key)
+    curve = losses(output, 3)
+    assert len(curve) == STEPS and np.allclose(curve, losses(run, 3), rtol=1e-5)
+
+
+def test_zero2_matches_plain_data_parallel_when_only_some_samples_have_masks(trained, tmp_path):
+    """ZeRO-2 fills its gradient buckets in arrival order, so ranks must run the same backward graph; the samples'
+    shared positive/negative plan ensures it (training/data/samples.py). Stage 4 (decoder trained, negatives in
+    the mix) under ZeRO stage 0, which all-reduces every gradient in parameter order, must land on the same weights."""
+    run, recipe = trained
+    plain = tmp_path / "recipe"
+    shutil.copytree(recipe, plain)
+    settings = json.loads((plain / "ds_config.json").read_text())
+    settings["zero_optimization"] = {"stage": 0}
+    (plain / "ds_config.json").write_text(json.dumps(settings))
+    output = tmp_path / "zero0"
+    (output / "stage3").mkdir(parents=True)
+    os.symlink(run / "stage3" / "model", output / "stage3" / "model")
+    command = launch(4, plain, output, run / "data")
+    result = subprocess.run(command, cwd=REPO, env=environment(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    zero0, zero2, start = weights(output / "final"), weights(run / "final"), weights(run / "stage3" / "model")
+    assert max(np.abs(zero2[k] - start[k]).max() for k in zero2) > 1e-3          # training moved the weights ...
+    for key in zero2:
+        np.testing.assert_allclose(zero0[key], zero2[key], rtol=1e-4, atol=1e-5, err_msg=key)   # ... the same way
+
+
+def test_a_failing_stage_stops_the_run_with_a_clear_message(trained, tmp_path):
+    run, recipe = trained
+    broken = tmp_path / "recipe"
+    shutil.copytree(recipe, broken)
+    stage1 = yaml.safe_load((broken / "stage1.yaml").read_text())
+    (broken / "stage1.yaml").write_text(yaml.safe_dump({**stage1, "init_from": str(tmp_path / "no-such-model")}))
+    result = run_stages(broken, tmp_path / "run", data=run / "data")
+    assert result.returncode == 1
+    assert "stage 1 FAILED" in result.stderr and "no-such-model" in (tmp_path / "run" / "stage1" / "train.log").read_text()
+    assert not (tmp_path / "run" / "stage2").exists()

@@ -1,0 +1,52 @@
+"""Labels follow their CT into model space by physical position, never by array index.
+
+The CT goes through `r1seg_core.preprocess.to_model_space` exactly as at inference; each label map is resampled
+onto the same canonical grid with nearest-neighbour interpolation (one pass for all labels of a map, and label
+values never blend). A label map whose grid differs from its CT's is accepted when its foreground lands inside
+the CT's field of view, and rejected when it does not, because then it belongs to another scan or crop.
+"""
+from __future__ import annotations
+
+import numpy as np
+import SimpleITK as sitk
+
+from r1seg_core.preprocess import ModelGrid
+from r1seg_core.volume import Volume
+
+# Labels written by other tools carry float32 geometry; these tolerances absorb that rounding only.
+_SPACING_RTOL = 1e-4
+_ORIGIN_ATOL_MM = 1e-3
+_DIRECTION_ATOL = 1e-4
+# The share of a label's foreground volume that may go missing in resampling (partial voxels at the edges).
+LOST_FOREGROUND_TOLERANCE = 0.1
+
+
+def same_grid(a: Volume, b: Volume) -> bool:
+    return (a.shape == b.shape and np.allclose(a.spacing, b.spacing, rtol=_SPACING_RTOL)
+            and np.allclose(a.origin, b.origin, atol=_ORIGIN_ATOL_MM)
+            and np.allclose(a.direction, b.direction, atol=_DIRECTION_ATOL))
+
+
+def describe_grid(volume: Volume) -> str:
+    spacing = " x ".join(f"{s:g}" for s in volume.spacing)
+    origin = ", ".join(f"{o:.1f}" for o in volume.origin)
+    return f"shape (z, y, x) {volume.shape}, spacing {spacing} mm, origin ({origin})"
+
+
+def labels_to_model_grid(labels: Volume, grid: ModelGrid) -> np.ndarray:
+    """An integer label volume -> the same labels (uint16) on the model grid; 0 outside its field of view."""
+    reference = sitk.Image([int(n) for n in grid.shape_zyx[::-1]], sitk.sitkUInt16)
+    reference.SetSpacing([float(s) for s in grid.spacing_zyx[::-1]])
+    reference.SetOrigin([float(o) for o in grid.origin])   # the canonical grid's direction is the identity
+    source = labels.with_array(labels.array.astype(np.uint16, copy=False)).to_sitk()
+    resampled = sitk.Resample(source, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt16)
+    return sitk.GetArrayFromImage(resampled)
+
+
+def lost_foreground(labels: Volume, resampled: np.ndarray, grid: ModelGrid) -> float:
+    """The share of the label's foreground volume (mm3) that did not land on the model grid."""
+    before = np.count_nonzero(labels.array) * float(np.prod(labels.spacing))
+    if before == 0:
+        return 0.0
+    after = np.count_nonzero(resampled) * float(np.prod(grid.spacing_zyx))
+    return max(0.0, 1.0 - after / before)

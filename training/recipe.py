@@ -1,0 +1,195 @@
+"""A recipe is a folder of plain files: the model, the data, one file per stage and the DeepSpeed settings.
+
+    model.yaml      preset + overrides of the model config, and `sam_mode`: what stage 1's model changes
+    data.yaml       the datasets to prepare (see data/cases.py SourceSpec)
+    stage1.yaml .. stage4.yaml   one stage each: epochs, batch, learning rate, data mixture, questions, crops
+    ds_config.json  the DeepSpeed engine: ZeRO stage, precision, clipping, communication buckets
+
+Every key is checked, so a typo fails loudly instead of training with a default.
+"""
+from __future__ import annotations
+
+import json
+import os
+from copy import deepcopy
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import yaml
+
+from r1seg_core.config import R1Seg3DConfig
+from r1seg_core.errors import InvalidInputError
+from r1seg_core.model.builder import preset_config
+
+from .data.cases import SourceSpec
+
+STAGES = (1, 2, 3, 4)
+
+
+@dataclass
+class CropSettings:
+    foreground_ratio: float = 2 / 3      # crops centred on a structure's voxel vs anywhere (2:1, the reference)
+    present_min_voxels: int = 64         # a structure counts as present with this many voxels (or half of it) in a crop
+    tries: int = 20                      # crops drawn before a sample's source is asked for another case
+
+
+@dataclass
+class AugmentSettings:
+    rotate90_prob: float = 0.2           # each of `rotate90_repeats` axial-plane quarter turns; not for left/right targets
+    rotate90_repeats: int = 3
+    flip_z_prob: float = 0.1             # head-feet flip: keeps left on the left
+    scale_intensity: float = 0.1
+    scale_intensity_prob: float = 0.5
+    shift_intensity: float = 0.1
+    shift_intensity_prob: float = 0.5
+
+
+@dataclass
+class QuestionSettings:
+    negative_ratio: float = 0.0          # samples asking for a target absent from the crop (stage 2: "no" answers)
+    implicit_ratio: float = 0.0          # single-target questions that describe the target instead of naming it
+    multi_target_ratio: float = 0.0      # positive questions naming 2..max_targets present targets
+    max_targets: int = 3
+    unnamed_answer_ratio: float = 0.0    # implicit questions answered without the name ("It is [SEG].")
+
+
+@dataclass
+class StageConfig:
+    stage: int
+    epochs: float
+    micro_batch_size: int                # per GPU
+    learning_rate: float
+    weight_decay: float
+    sources: dict[str, float | str]      # prepared dataset -> sampling weight, or "size" for its (case, structure) pairs
+    samples_per_epoch: int | str = "auto"   # "auto": the sources' (case, structure) pairs, the original's epoch
+    max_steps: int | None = None         # stop after this many optimizer steps (smoke runs)
+    gradient_accumulation: int = 1
+    warmup_ratio: float = 0.03
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = 1e-8
+    gradient_checkpointing: bool = False
+    save_every_steps: int = 500
+    keep_checkpoints: int = 2
+    log_every_steps: int = 10
+    seed: int = 42
+    num_workers: int = 2
+    init_from: str | None = None         # stage 1 only: a model folder or encoder start point to begin from
+    crops: CropSettings = field(default_factory=CropSettings)
+    augment: AugmentSettings = field(default_factory=AugmentSettings)
+    questions: QuestionSettings = field(default_factory=QuestionSettings)
+    deepspeed: dict = field(default_factory=dict)   # merged over ds_config.json for this stage
+
+
+@dataclass
+class Recipe:
+    folder: Path
+    model: dict
+    sources: list[SourceSpec]
+    stages: dict[int, StageConfig]
+    deepspeed: dict
+
+    def model_config(self) -> R1Seg3DConfig:
+        """The full model of stages 2-4 (and of the exported folder)."""
+        config = preset_config(self.model["preset"]).to_dict()
+        return R1Seg3DConfig.from_dict(deep_merge(config, self.model.get("overrides", {})))
+
+    def sam_config(self) -> R1Seg3DConfig:
+        """Stage 1's model: the full model's encoder, decoder and preprocessing with a frozen text encoder."""
+        return R1Seg3DConfig.from_dict(deep_merge(self.model_config().to_dict(), self.model["sam_mode"]))
+
+    def stage_deepspeed(self, stage: int) -> dict:
+        return deep_merge(self.deepspeed, self.stages[stage].deepspeed)
+
+    def bf16(self, stage: int) -> bool:
+        return bool(self.stage_deepspeed(stage).get("bf16", {}).get("enabled", False))
+
+
+def deep_merge(base: dict, overrides: dict) -> dict:
+    """`base` with `overrides` written over it, recursing into dicts (a None replaces a whole section)."""
+    merged = deepcopy(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = deepcopy(value)
+    return merged
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise InvalidInputError(f"recipe file {path} is missing")
+    try:
+        content = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise InvalidInputError(f"{path} is not valid YAML: {error}") from error
+    if not isinstance(content, dict):
+        raise InvalidInputError(f"{path} must hold a mapping of settings")
+    return content
+
+
+def _build(cls, values: dict, where: str):
+    """A settings dataclass from a mapping; unknown keys are an error that names the file."""
+    names = {f.name for f in fields(cls)}
+    unknown = set(values) - names
+    if unknown:
+        raise InvalidInputError(f"{where}: unknown settings {sorted(unknown)}; known: {sorted(names)}")
+    try:
+        return cls(**values)
+    except TypeError as error:
+        raise InvalidInputError(f"{where}: {error}") from error
+
+
+def _stage(path: Path, stage: int) -> StageConfig:
+    values = _read_yaml(path)
+    if values.get("stage", stage) != stage:
+        raise InvalidInputError(f"{path} says stage {values['stage']}, expected {stage}")
+    values["stage"] = stage
+    for key, cls in (("crops", CropSettings), ("augment", AugmentSettings), ("questions", QuestionSettings)):
+        values[key] = _build(cls, values.get(key) or {}, f"{path} [{key}]")
+    if values.get("init_from"):
+        values["init_from"] = str((path.parent / os.path.expandvars(values["init_from"])).resolve())
+    if "adam_betas" in values:
+        values["adam_betas"] = tuple(values["adam_betas"])
+    config = _build(StageConfig, values, str(path))
+    if not config.sources:
+        raise InvalidInputError(f"{path}: 'sources' names no prepared dataset")
+    if config.init_from is not None and stage != 1:
+        raise InvalidInputError(f"{path}: init_from is for stage 1; later stages start from the previous stage's export")
+    return config
+
+
+def _expand_paths(node):
+    """Environment variables in path settings ($MODELS/Phi-3-mini...), so one recipe serves several clusters."""
+    if isinstance(node, dict):
+        return {k: os.path.expandvars(v) if k == "path" and isinstance(v, str) else _expand_paths(v) for k, v in node.items()}
+    return node
+
+
+def load_recipe(folder: Path | str) -> Recipe:
+    folder = Path(folder).resolve()
+    if not folder.is_dir():
+        raise InvalidInputError(f"recipe folder {folder} does not exist")
+    model = _expand_paths(_read_yaml(folder / "model.yaml"))
+    unknown = set(model) - {"preset", "overrides", "sam_mode"}
+    if unknown or "preset" not in model or "sam_mode" not in model:
+        raise InvalidInputError(f"{folder / 'model.yaml'}: needs 'preset' and 'sam_mode' (and optional 'overrides'); "
+                                f"unknown keys {sorted(unknown)}")
+    data = _read_yaml(folder / "data.yaml")
+    sources = [SourceSpec.from_dict(source, folder) for source in data.get("sources", [])]
+    names = [s.name for s in sources]
+    if len(set(names)) != len(names):
+        raise InvalidInputError(f"{folder / 'data.yaml'}: source names must be unique, got {names}")
+    stages = {n: _stage(folder / f"stage{n}.yaml", n) for n in STAGES}
+    for n, stage in stages.items():
+        missing = set(stage.sources) - set(names)
+        if missing:
+            raise InvalidInputError(f"{folder / f'stage{n}.yaml'}: sources {sorted(missing)} are not in data.yaml")
+    ds_path = folder / "ds_config.json"
+    try:
+        deepspeed = json.loads(ds_path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise InvalidInputError(f"{ds_path} cannot be read: {error}") from error
+    recipe = Recipe(folder, model, sources, stages, deepspeed)
+    recipe.model_config()       # fail now, not after hours of stage 1, on a broken model section
+    recipe.sam_config()
+    return recipe
