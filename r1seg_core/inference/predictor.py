@@ -104,7 +104,7 @@ class Predictor:
         self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         if model is None:
             self.model_dir = Path(model_dir) if model_dir else default_model_path()
-            model = R1Seg3D.from_pretrained(self.model_dir)
+            model = R1Seg3D.from_pretrained(self.model_dir, dtype=self.dtype)
         else:
             self.model_dir = None
         if model.language_model is None:

@@ -165,7 +165,8 @@ def load_model(folder: Path, device="cpu", dtype: torch.dtype | None = None):
             text_tokenizer = AutoTokenizer.from_pretrained(folder / TEXT_TOKENIZER_DIR, local_files_only=True)
     except (OSError, ValueError) as error:
         raise CheckpointError(f"the tokenizer files in {folder} are missing or unreadable: {error}") from error
-    model = build_model(config, tokenizer=tokenizer, text_tokenizer=text_tokenizer)
+    # Built directly in the requested dtype: an 8B LLM in fp32 first would need twice the host memory.
+    model = build_model(config, tokenizer=tokenizer, text_tokenizer=text_tokenizer, dtype=dtype)
     if model.config.token_ids != config.token_ids:
         raise CheckpointError(f"the tokenizer in {folder} gives token ids {model.config.token_ids} but config.json says "
                               f"{config.token_ids}: tokenizer and weights do not belong together")
