@@ -44,7 +44,9 @@ def ct(shared_ct):
 def test_batched_windows_equal_one_window_at_a_time(predictor, ct):
     decoded_windows = 0
     for mode in ("constrained", "generate"):
+        predictor.clear_cache()   # each path computes its own encoder outputs
         one = predictor.ask(ct, "segment the liver", window_batch=1, answer_mode=mode, keep_probability=True, overlap=0.5)
+        predictor.clear_cache()
         many = predictor.ask(ct, "segment the liver", window_batch=7, answer_mode=mode, keep_probability=True, overlap=0.5)
         assert one.windows == many.windows > 7
         assert [t.windows_positive for t in one.targets] == [t.windows_positive for t in many.targets]
@@ -53,6 +55,18 @@ def test_batched_windows_equal_one_window_at_a_time(predictor, ct):
         assert one.answer == many.answer
         decoded_windows += one.targets[0].windows_positive
     assert decoded_windows > 0, "the comparison must cover windows whose masks were decoded"
+
+
+def test_a_second_question_about_the_same_ct_reuses_its_encoder_outputs(predictor, ct):
+    predictor.clear_cache()
+    first = predictor.ask(ct, "segment the liver", global_step="off", keep_probability=True)
+    again = predictor.ask(ct, "segment the liver", global_step="off", keep_probability=True)
+    assert again.timings["encoder"] < first.timings["encoder"] / 3
+    assert again.timings["resample"] < first.timings["resample"] / 3
+    np.testing.assert_allclose(again.targets[0].probability, first.targets[0].probability, atol=1e-6)
+    edited = ct.with_array(ct.array + 1)
+    other = predictor.ask(edited, "segment the liver", global_step="off")
+    assert other.timings["encoder"] > again.timings["encoder"], "another CT's voxels must not reuse the cache"
 
 
 def test_teacher_forced_answer_matches_the_full_forward_and_generation(predictor):

@@ -37,7 +37,10 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run(predictor: Predictor, volume: Volume, question: str, **options) -> tuple[float, object]:
+def run(predictor: Predictor, volume: Volume, question: str, cached: bool = False, **options) -> tuple[float, object]:
+    """One question; by default as if the CT were new (the predictor caches a CT's encoder outputs)."""
+    if not cached:
+        predictor.clear_cache()
     start = time.perf_counter()
     result = predictor.ask(volume, question, **options)
     return time.perf_counter() - start, result
@@ -97,6 +100,9 @@ def main() -> None:
     decoded = sum(t.windows_positive for t in skipping.targets)
     print(f"global step skipping far windows: {skip_s:.3f} s, {decoded} of {skipping.windows} windows decoded "
           f"(an untrained model's coarse mask decides nothing useful)")
+    follow_s, _ = run(predictor, volume, "and the spleen?", cached=True, overlap=args.overlap,
+                      window_batch=args.window_batch, global_step="off")
+    print(f"follow-up question on the same CT (resampled CT and encoder outputs reused): {follow_s:.3f} s")
     if not args.skip_baseline:
         base_s, base = run(predictor, volume, args.question, overlap=args.overlap, window_batch=1,
                            answer_mode="generate", global_step="off")

@@ -7,9 +7,10 @@ against the model's answer templates (teacher forcing) or generated greedily, ne
 """
 from __future__ import annotations
 
+import hashlib
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +31,8 @@ GLOBAL_STEP_MODES = ("off", "answer", "skip")
 UNNAMED_TARGET = "target"
 # A window is skipped by the global step when the coarse whole-CT mask has no voxel above this in it.
 SKIP_THRESHOLD = 0.1
+# Encoder outputs kept for follow-up questions about the same CT (126 Phi-3-size windows take about 0.6 GB).
+WINDOW_CACHE_BYTES = 2 * 1024 ** 3
 
 
 @dataclass
@@ -54,6 +57,23 @@ class AskOptions:
         if self.global_step not in GLOBAL_STEP_MODES:
             raise InvalidInputError(f"global step must be one of {GLOBAL_STEP_MODES}; got {self.global_step!r}")
         return self
+
+
+@dataclass
+class CTCache:
+    """What the predictor keeps about the CT it last answered a question on."""
+    key: bytes
+    model_space: tuple | None = None
+    windows: dict = field(default_factory=dict)      # window start -> (encoder tokens, visual tokens)
+
+
+def volume_fingerprint(volume: Volume) -> bytes:
+    """Voxels and geometry: the same CT handed over again (e.g. from Slicer) is recognised, an edited one is not."""
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(np.ascontiguousarray(volume.array).view(np.uint8).reshape(-1))
+    digest.update(str((volume.array.dtype, volume.array.shape, volume.spacing, volume.origin)).encode())
+    digest.update(np.asarray(volume.direction, dtype=np.float64).tobytes())
+    return digest.digest()
 
 
 @dataclass
@@ -112,6 +132,7 @@ class Predictor:
         self.model = model.to(self.device, self.dtype).eval()
         self.preprocess = PreprocessConfig.from_dict(model.config.preprocess)
         self.vocabulary = load_vocabulary()
+        self._ct_cache: CTCache | None = None
 
     @property
     def is_placeholder(self) -> bool:
@@ -130,8 +151,12 @@ class Predictor:
         validate_ct(volume)
         question = validate_question(question)
         targets = self._targets_in(question, conversation)
+        with timings("cache_lookup"):
+            cache = self._cache_for(volume)
         with timings("resample"):
-            array, grid = to_model_space(volume, self.preprocess)
+            if cache.model_space is None:
+                cache.model_space = to_model_space(volume, self.preprocess)
+            array, grid = cache.model_space
         notes = ["the model is an untrained placeholder: its masks are not meaningful"] if self.is_placeholder else []
         history = conversation.history_text() if conversation else ""
 
@@ -263,20 +288,47 @@ class Predictor:
             notes.append("out of GPU memory even with one window per batch: finished on the CPU")
             self.device, self.dtype = torch.device("cpu"), torch.float32
             self.model.to(self.device, self.dtype)
+            self._ct_cache.windows.clear()
             return 1
         raise OutOfMemoryError("out of memory on the CPU even with one window per batch; free memory or use a smaller model")
 
+    def clear_cache(self) -> None:
+        """Forget the last CT's resampled voxels and encoder outputs (frees their memory)."""
+        self._ct_cache = None
+
+    def _cache_for(self, volume: Volume) -> "CTCache":
+        """The cache of this CT: a new CT (other voxels or geometry) replaces the previous one."""
+        key = volume_fingerprint(volume)
+        if self._ct_cache is None or self._ct_cache.key != key:
+            self._ct_cache = CTCache(key)
+        return self._ct_cache
+
     @torch.no_grad()
     def _process_windows(self, padded, chunk, queries, opts, stitchers, positives, timings):
-        roi = self.model.window_size
-        windows = extract_windows(padded, chunk, roi).to(self.device, self.dtype)
         with timings("encoder"):
-            tokens = self.model.encode_images(windows)
-            visual = self.model.projector(tokens)
+            tokens, visual = self._encoded_windows(padded, chunk)
         for query in queries:
             with timings("llm"):
                 answers = self._answer(visual, query, opts)
             self._decode_and_stitch(tokens, chunk, answers, query, opts, stitchers, positives, timings)
+
+    def _encoded_windows(self, padded, chunk):
+        """Encoder tokens and visual tokens of each window: they do not depend on the question, so a follow-up
+        question about the same CT reuses them (within a memory budget)."""
+        cache = self._ct_cache
+        missing = [start for start in chunk if start not in cache.windows]
+        if missing:
+            windows = extract_windows(padded, missing, self.model.window_size).to(self.device, self.dtype)
+            tokens = self.model.encode_images(windows)
+            visual = self.model.projector(tokens)
+            computed = {start: (tokens[i], visual[i]) for i, start in enumerate(missing)}
+            per_window = tokens[0].numel() * tokens.element_size() + visual[0].numel() * visual.element_size()
+            if (len(cache.windows) + len(missing)) * per_window <= WINDOW_CACHE_BYTES:
+                cache.windows.update(computed)
+        else:
+            computed = {}
+        pairs = [computed.get(start) or cache.windows[start] for start in chunk]
+        return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
 
     def _answer(self, visual, query: Query, opts: AskOptions) -> WindowAnswers:
         if opts.answer_mode == "constrained":
