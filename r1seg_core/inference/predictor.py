@@ -168,7 +168,7 @@ class Predictor:
             model_text, coarse = self._global_step(array, padded.shape, crop, question, history, opts, timings)
             if not targets:
                 targets = self._targets_in_answer(model_text)
-        queries = self._queries(question, history, targets, opts)
+        queries = self._queries(question, history, targets)
         starts = window_starts(padded.shape, roi, opts.overlap)
         skipped = self._far_windows(starts, coarse, roi) if opts.global_step == "skip" else set()
         names = targets or [UNNAMED_TARGET]
@@ -211,7 +211,7 @@ class Predictor:
                 names.append(structure.name)
         return names
 
-    def _queries(self, question: str, history: str, targets: list[str], opts: AskOptions) -> list[Query]:
+    def _queries(self, question: str, history: str, targets: list[str]) -> list[Query]:
         """One query for zero or one target (the user's own words); one explicit query per target otherwise."""
         tokenizer, eos, n = self.model.tokenizer, self.model.token_ids["eos"], self.model.num_visual_tokens
 
