@@ -346,12 +346,17 @@ def test_truncated_files_are_named(compat_dir, model_with_lora, work):
             convert(kind, truncated, work / "never")
 
 
-def test_size_mismatch_names_the_original_key(original_hf_folder, compat_dir, work):
-    folder = work / "wrong_hidden_size"
-    shutil.copytree(original_hf_folder, folder)
+def copy_with_config(source: Path, folder: Path, **changes) -> Path:
+    """A copy of an original release folder whose config.json says something else."""
+    shutil.copytree(source, folder)
     config = json.loads((folder / "config.json").read_text())
-    config["hidden_size"] = 32
+    config.update(changes)
     (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_size_mismatch_names_the_original_key(original_hf_folder, compat_dir, work):
+    folder = copy_with_config(original_hf_folder, work / "wrong_hidden_size", hidden_size=32)
     with pytest.raises(CheckpointError, match=r"size mismatches.*model\.embed_tokens\.weight .*file \(495, 64\) vs config \(495, 32\)"):
         convert(MERGED, folder, work / "never")
 
@@ -378,11 +383,7 @@ def test_pickle_that_needs_code_execution_is_refused_without_running_it(work):
 
 
 def test_tokenizer_whose_seg_id_disagrees_with_the_weights(original_hf_folder, compat_dir, work):
-    folder = work / "wrong_seg_id"
-    shutil.copytree(original_hf_folder, folder)
-    config = json.loads((folder / "config.json").read_text())
-    config["seg_token_id"] = 493
-    (folder / "config.json").write_text(json.dumps(config))
+    folder = copy_with_config(original_hf_folder, work / "wrong_seg_id", seg_token_id=493)
     with pytest.raises(CheckpointError, match=r"gives \[SEG\] the id 494 but .*wrong_seg_id/config\.json says seg_token_id = 493"):
         convert(MERGED, folder, work / "never")
     from transformers import AutoTokenizer

@@ -65,6 +65,7 @@ class CTCache:
     key: bytes
     model_space: tuple | None = None
     windows: dict = field(default_factory=dict)      # window start -> (encoder tokens, visual tokens)
+    whole_ct: tuple | None = None                    # the global step's (encoder tokens, visual tokens)
 
 
 def volume_fingerprint(volume: Volume) -> bytes:
@@ -148,11 +149,10 @@ class Predictor:
         with timings("read"):
             if not isinstance(volume, Volume):
                 volume = read_volume(volume)
-        validate_ct(volume)
         question = validate_question(question)
         targets = self._targets_in(question, conversation)
         with timings("cache_lookup"):
-            cache = self._cache_for(volume)
+            cache = self._cache_for(volume)    # also checks a CT it has not seen yet
         with timings("resample"):
             if cache.model_space is None:
                 cache.model_space = to_model_space(volume, self.preprocess)
@@ -229,11 +229,13 @@ class Predictor:
     @torch.no_grad()
     def _global_step(self, array, padded_shape, crop, question, history, opts, timings):
         """One pass over the whole CT resized to one window: the text answer and a coarse mask."""
-        roi = self.model.window_size
-        whole = torch.from_numpy(resize_to_window(array, roi)).to(self.device, self.dtype)[None, None]
         with timings("global_step"):
-            tokens = self.model.encode_images(whole)
-            visual = self.model.projector(tokens)
+            cache = self._ct_cache
+            if cache.whole_ct is None:
+                whole = torch.from_numpy(resize_to_window(array, self.model.window_size)).to(self.device, self.dtype)
+                tokens = self.model.encode_images(whole[None, None])
+                cache.whole_ct = (tokens, self.model.projector(tokens))
+            tokens, visual = cache.whole_ct
             prompt = prompt_ids(self.model.tokenizer, question, self.model.num_visual_tokens, history)
             answers = greedy_decode(self.model, visual, prompt, self.model.config.max_answer_tokens)
             text = self.model.tokenizer.decode(answers.token_ids[0], skip_special_tokens=False)
@@ -288,7 +290,9 @@ class Predictor:
             notes.append("out of GPU memory even with one window per batch: finished on the CPU")
             self.device, self.dtype = torch.device("cpu"), torch.float32
             self.model.to(self.device, self.dtype)
+            # Encoder outputs cached on the GPU are dropped; the resampled CT (host memory) stays.
             self._ct_cache.windows.clear()
+            self._ct_cache.whole_ct = None
             return 1
         raise OutOfMemoryError("out of memory on the CPU even with one window per batch; free memory or use a smaller model")
 
@@ -300,6 +304,7 @@ class Predictor:
         """The cache of this CT: a new CT (other voxels or geometry) replaces the previous one."""
         key = volume_fingerprint(volume)
         if self._ct_cache is None or self._ct_cache.key != key:
+            validate_ct(volume)
             self._ct_cache = CTCache(key)
         return self._ct_cache
 
