@@ -189,3 +189,63 @@ def test_cli_ask_and_info(tmp_path, shared_ct, capsys):
     assert r1seg(["ask", ct_path, "segment the liver", "-o", str(fresh), "--model", str(tmp_path)]) == 3
     assert not fresh.exists()
     assert "error:" in capsys.readouterr().err
+
+
+OUT_OF_MEMORY_CHILD = """
+import json, re, resource, sys
+import numpy as np
+from r1seg_core.errors import OutOfMemoryError
+from r1seg_core.inference import Predictor
+from r1seg_core.volume import read_volume, sample_ct_path
+
+def limit_address_space(extra_mb):
+    size_kb = int(re.search(r"VmSize:\\s+(\\d+)", open("/proc/self/status").read()).group(1))
+    resource.setrlimit(resource.RLIMIT_AS, (size_kb * 1024 + extra_mb * 2 ** 20, resource.RLIM_INFINITY))
+
+predictor = Predictor(device="cpu")
+ct = read_volume(sample_ct_path())
+reference = predictor.ask(ct, "segment the liver", window_batch=1, global_step="off", keep_probability=True)
+predictor.clear_cache()
+limit_address_space(700)     # room for a few windows at a time, not for all 28
+squeezed = predictor.ask(ct, "segment the liver", window_batch=28, global_step="off", keep_probability=True)
+report = {"notes": squeezed.notes,
+          "difference": float(np.abs(squeezed.targets[0].probability - reference.targets[0].probability).max())}
+predictor.clear_cache()
+limit_address_space(60)      # not even room to resample the CT
+try:
+    predictor.ask(ct, "segment the liver", global_step="off")
+except OutOfMemoryError as error:
+    report["error"] = str(error)
+print(json.dumps(report))
+"""
+
+
+def test_running_out_of_cpu_memory_retries_with_fewer_windows_then_says_so():
+    # A real allocation failure: the child process caps its own address space (RLIMIT_AS) after loading.
+    import subprocess
+    import sys
+
+    child = subprocess.run([sys.executable, "-c", OUT_OF_MEMORY_CHILD], capture_output=True, text=True, timeout=300)
+    assert child.returncode == 0, child.stderr[-2000:]
+    report = json.loads(child.stdout.strip().splitlines()[-1])
+    retries = [note for note in report["notes"] if note.startswith("out of CPU memory: retried with")]
+    assert retries and retries[0].endswith("14 windows per batch")
+    assert report["difference"] < 1e-4, "a retried chunk must be stitched once, like the one-window-at-a-time run"
+    assert report.get("error", "").startswith("out of CPU memory")
+
+
+def test_bf16_on_the_cpu_gives_the_fp32_answer(tmp_path, ct):
+    # The GPU path's dtype, exercised where CI runs: every step must accept bf16 weights and activations.
+    folder = small_model().save_pretrained(tmp_path / "model")
+    results = {}
+    for dtype in ("float32", "bfloat16"):
+        predictor = Predictor(folder, device="cpu", dtype=dtype)
+        assert {p.dtype for p in predictor.model.parameters()} == {getattr(torch, dtype)}
+        results[dtype] = predictor.ask(ct, "segment the liver", global_step="answer", keep_probability=True)
+    full, half = results["float32"], results["bfloat16"]
+    assert [t.present for t in half.targets] == [t.present for t in full.targets]
+    difference = np.abs(half.targets[0].probability - full.targets[0].probability)
+    assert difference.mean() < 0.01 and difference.max() < 0.1
+    assert abs(half.targets[0].voxel_count - full.targets[0].voxel_count) <= 0.01 * full.targets[0].voxel_count
+    with pytest.raises(InvalidInputError, match="unknown dtype"):
+        Predictor(folder, device="cpu", dtype="float8")

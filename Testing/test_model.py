@@ -196,6 +196,25 @@ def test_save_and_load_give_identical_outputs(tmp_path):
     torch.testing.assert_close(after.segmentation.logits, before.segmentation.logits, atol=1e-4, rtol=1e-4)
 
 
+def test_loading_in_bf16_casts_every_weight_and_ties_embeddings_again(tmp_path):
+    # The loader skips random initialisation and takes the read tensors as parameters: every parameter and
+    # buffer must come back equal to the saved one, and tied embeddings must share one tensor again.
+    torch.manual_seed(0)
+    config = preset_config("tiny-qwen2")
+    config.encoder = dataclasses.replace(config.encoder, image_size=SMALL_WINDOW)
+    config.language_model.hf_config["tie_word_embeddings"] = True
+    model = build_model(config).eval()
+    folder = model.save_pretrained(tmp_path / "ckpt")
+    loaded = R1Seg3D.from_pretrained(folder, dtype=torch.bfloat16)
+    lm = loaded.language_model
+    assert lm.lm_head.weight.data_ptr() == lm.embed_tokens.weight.data_ptr()
+    assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
+    saved = model.state_dict()
+    for name, tensor in loaded.state_dict().items():
+        expected = saved[name].to(torch.bfloat16) if saved[name].is_floating_point() else saved[name]
+        assert torch.equal(tensor, expected), name
+
+
 def test_loader_names_the_broken_file_and_keys(tmp_path):
     model = small_model()
     folder = model.save_pretrained(tmp_path / "ckpt")

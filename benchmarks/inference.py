@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from r1seg_core.inference import Predictor
+from r1seg_core.inference.predictor import resolve_device, resolve_dtype
 from r1seg_core.model import build_model, preset_config
 from r1seg_core.volume import Volume, read_volume, sample_ct_path, write_labelmap
 
@@ -55,26 +56,29 @@ def main() -> None:
     parser.add_argument("--question", default="segment the liver")
     parser.add_argument("--overlap", type=float, default=0.25)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="auto", help="auto (bfloat16 on a GPU, float32 on a CPU), float32 or bfloat16")
     parser.add_argument("--window-batch", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=2, help="fast-path runs; the best is reported")
     parser.add_argument("--skip-baseline", action="store_true", help="do not time the one-window-at-a-time path")
     args = parser.parse_args()
 
     torch.manual_seed(0)
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
     if args.model:
-        predictor = Predictor(args.model, device=args.device)
+        predictor = Predictor(args.model, device=device, dtype=dtype)
     else:
-        # Random weights built directly in bf16 on a GPU machine: a paper-size LLM in fp32 would double host memory.
-        on_gpu = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-        model = build_model(preset_config(args.preset), dtype=torch.bfloat16 if on_gpu else None)
-        predictor = Predictor(model=model, device=args.device)
-    device = predictor.device
+        # Random weights built in place, in the run's dtype: a Phi-3-size model initialised on 2 CPU cores in fp32
+        # takes minutes and twice the memory.
+        with torch.device(device):
+            model = build_model(preset_config(args.preset), dtype=dtype)
+        predictor = Predictor(model=model, device=device, dtype=dtype)
     start = time.perf_counter()
     volume = synthetic_ct(tuple(int(v) for v in args.synthetic.split(","))) if args.synthetic else read_volume(args.ct or sample_ct_path())
     read_s = time.perf_counter() - start
     cpu = platform.processor() or platform.machine()
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU {cpu}, {torch.get_num_threads()} threads"
-    print(f"device: {name}; torch {torch.__version__}; model: {args.model or args.preset}; CT {volume.shape} (z,y,x) "
+    print(f"device: {name}; torch {torch.__version__}; {str(dtype).removeprefix('torch.')}; model: {args.model or args.preset}; CT {volume.shape} (z,y,x) "
           f"spacing {tuple(round(s, 3) for s in volume.spacing)} mm; overlap {args.overlap}")
 
     run(predictor, volume, args.question, overlap=args.overlap, window_batch=args.window_batch)   # warm-up

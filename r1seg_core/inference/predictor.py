@@ -85,6 +85,38 @@ class Query:
     target_indices: list[int]
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+# What torch's CPU allocator and SimpleITK say when an allocation fails (both raise a plain RuntimeError).
+CPU_OUT_OF_MEMORY_SIGNS = ("can't allocate memory", "Failed to allocate memory")
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    return isinstance(error, (torch.OutOfMemoryError, MemoryError)) or (
+        isinstance(error, RuntimeError) and any(sign in str(error) for sign in CPU_OUT_OF_MEMORY_SIGNS))
+
+
+@dataclass
+class WindowMasks:
+    """A chunk's decoded masks for one query: row in the chunk, owning target, and probability map of each."""
+    rows: list[int]
+    owners: list[int]
+    probabilities: torch.Tensor | None
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    """`auto` is bf16 on a GPU and fp32 on a CPU, where bf16 halves the memory (a Phi-3-size model: 7.7 instead of
+    15 GB) but runs slower on CPUs without bf16 instructions."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise InvalidInputError(f"unknown dtype {dtype!r}; choose auto, {' or '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
 def resolve_device(device: str | torch.device) -> torch.device:
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -116,16 +148,22 @@ class Timings(dict):
 class Predictor:
     """Loads a model once and answers many questions about many CTs."""
 
-    def __init__(self, model_dir: str | Path | None = None, device: str = "auto", model=None):
+    def __init__(self, model_dir: str | Path | None = None, device: str = "auto", model=None, dtype: str | torch.dtype = "auto"):
         from .. import default_model_path
         from ..model import R1Seg3D
         from ..vocabulary import load_vocabulary
 
         self.device = resolve_device(device)
-        self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        self.dtype = resolve_dtype(dtype, self.device)
         if model is None:
             self.model_dir = Path(model_dir) if model_dir else default_model_path()
-            model = R1Seg3D.from_pretrained(self.model_dir, dtype=self.dtype)
+            try:
+                model = R1Seg3D.from_pretrained(self.model_dir, dtype=self.dtype)
+            except (RuntimeError, MemoryError) as error:
+                if not is_out_of_memory(error):
+                    raise
+                raise OutOfMemoryError(f"not enough memory to load {self.model_dir} in {str(self.dtype).removeprefix('torch.')}"
+                                       + ("; --dtype bfloat16 halves what it needs" if self.dtype == torch.float32 else "")) from error
         else:
             self.model_dir = None
         if model.language_model is None:
@@ -143,6 +181,16 @@ class Predictor:
 
     def ask(self, volume: Volume | str | Path, question: str, *, conversation: Conversation | None = None,
             progress=None, cancel=None, **options) -> AnswerResult:
+        try:
+            return self._ask(volume, question, conversation, progress, cancel, options)
+        except (RuntimeError, MemoryError) as error:
+            if isinstance(error, OutOfMemoryError) or not is_out_of_memory(error):
+                raise
+            where = "GPU" if self.device.type == "cuda" else "CPU"
+            raise OutOfMemoryError(f"out of {where} memory for this CT: free memory, or crop the CT "
+                                   f"({str(error).splitlines()[0][:200]})") from error
+
+    def _ask(self, volume, question, conversation, progress, cancel, options) -> AnswerResult:
         # None means "the default", so callers (the Slicer panel, the CLI) can pass unset fields through.
         opts = AskOptions(**{k: v for k, v in options.items() if v is not None}).validate()
         timings = Timings(self.device)
@@ -271,10 +319,15 @@ class Predictor:
                 raise CancelledError("cancelled by the user")
             chunk = starts[position:position + batch]
             try:
-                self._process_windows(padded, chunk, queries, opts, stitchers, positives, timings)
-            except torch.OutOfMemoryError:
+                decoded = self._decode_windows(padded, chunk, queries, opts, timings)
+            except (RuntimeError, MemoryError) as error:
+                if not is_out_of_memory(error):
+                    raise
                 batch = self._recover_from_oom(batch, notes)
                 continue
+            # Stitched only once every query's masks exist, so a retried chunk is never added twice.
+            for query, masks in zip(queries, decoded):
+                self._stitch(chunk, query, masks, stitchers, positives, timings)
             position += len(chunk)
             done += len(chunk)
             if progress is not None:
@@ -284,12 +337,13 @@ class Predictor:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         if batch > 1:
-            notes.append(f"out of GPU memory: retried with {batch // 2} windows per batch")
+            notes.append(f"out of {'GPU' if self.device.type == 'cuda' else 'CPU'} memory: retried with {batch // 2} windows per batch")
             return batch // 2
         if self.device.type == "cuda":
             notes.append("out of GPU memory even with one window per batch: finished on the CPU")
-            self.device, self.dtype = torch.device("cpu"), torch.float32
-            self.model.to(self.device, self.dtype)
+            # Same dtype on the CPU: converting a paper-size model to fp32 could run out of host memory as well.
+            self.device = torch.device("cpu")
+            self.model.to(self.device)
             # Encoder outputs cached on the GPU are dropped; the resampled CT (host memory) stays.
             self._ct_cache.windows.clear()
             self._ct_cache.whole_ct = None
@@ -309,13 +363,15 @@ class Predictor:
         return self._ct_cache
 
     @torch.no_grad()
-    def _process_windows(self, padded, chunk, queries, opts, stitchers, positives, timings):
+    def _decode_windows(self, padded, chunk, queries, opts, timings) -> list["WindowMasks"]:
         with timings("encoder"):
             tokens, visual = self._encoded_windows(padded, chunk)
+        decoded = []
         for query in queries:
             with timings("llm"):
                 answers = self._answer(visual, query, opts)
-            self._decode_and_stitch(tokens, chunk, answers, query, opts, stitchers, positives, timings)
+            decoded.append(self._decode(tokens, answers, query, opts, timings))
+        return decoded
 
     def _encoded_windows(self, padded, chunk):
         """Encoder tokens and visual tokens of each window: they do not depend on the question, so a follow-up
@@ -340,8 +396,8 @@ class Predictor:
             return score_candidates(self.model, visual, query.prompt, query.candidates)
         return greedy_decode(self.model, visual, query.prompt, self.model.config.max_answer_tokens)
 
-    def _decode_and_stitch(self, tokens, chunk, answers, query, opts, stitchers, positives, timings):
-        """Decode one mask per [SEG] of each window; a window without [SEG] adds background to every target."""
+    def _decode(self, tokens, answers, query, opts, timings) -> "WindowMasks":
+        """One mask per [SEG] of each window, owned by the target that [SEG] stands for."""
         rows, prompts, owners = [], [], []
         for row, states in enumerate(answers.seg_states):
             for k in range(min(len(states), len(query.target_indices))):
@@ -354,12 +410,17 @@ class Predictor:
                 prompt = self.model.segment_projector(torch.stack(prompts))
                 segmentation = self.model.decode_masks(tokens[rows], prompt, opts.loops)
                 probabilities = torch.sigmoid(segmentation.logits[:, 0].float())
+        return WindowMasks(rows, owners, probabilities)
+
+    @staticmethod
+    def _stitch(chunk, query, masks: "WindowMasks", stitchers, positives, timings):
+        """A window without a mask for a target adds background to it."""
         with timings("stitching"):
             for target in query.target_indices:
-                hits = [i for i, owner in enumerate(owners) if owner == target]
-                hit_rows = {rows[i] for i in hits}
+                hits = [i for i, owner in enumerate(masks.owners) if owner == target]
+                hit_rows = {masks.rows[i] for i in hits}
                 if hits:
-                    stitchers[target].add(probabilities[hits], [chunk[rows[i]] for i in hits])
+                    stitchers[target].add(masks.probabilities[hits], [chunk[masks.rows[i]] for i in hits])
                     positives[target] += len(hit_rows)
                 stitchers[target].add_background([start for row, start in enumerate(chunk) if row not in hit_rows])
 

@@ -107,10 +107,11 @@ class WindowStitcher:
                 f"expected values of shape ({len(starts)}, *{self.roi_zyx}) for {len(starts)} windows, "
                 f"got {tuple(values.shape)}"
             )
-        weighted = values.detach().to(self._importance.device, torch.float32) * self._importance
-        for window, start in zip(weighted, starts):
+        values = values.detach().to(self._importance.device, torch.float32)
+        for window, start in zip(values, starts):
             region = self._region(start)
-            self._weighted_sum[region] += window
+            # In place, without a weighted copy of the batch: stitching allocates no memory of its own.
+            self._weighted_sum[region].addcmul_(window, self._importance)
             self._weight_sum[region] += self._importance
 
     def add_background(self, starts: list[Start]) -> None:

@@ -104,10 +104,13 @@ def _write_weights(state: dict, folder: Path, max_shard_bytes: int, save_file) -
                                                  "weight_map": weight_map}, indent=2))
 
 
-def read_weights(folder: Path) -> dict[str, torch.Tensor]:
-    """All tensors of a folder's safetensors file(s); a truncated or corrupt file is named in the error."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+def read_weights(folder: Path, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """All tensors of a folder's safetensors file(s); a truncated or corrupt file is named in the error.
+
+    Floating-point tensors are cast to `dtype` one at a time as they are read, so reading an fp32 file for a
+    bf16 model never holds both copies.
+    """
+    from safetensors import SafetensorError, safe_open
 
     index = folder / INDEX_NAME
     if index.is_file():
@@ -125,7 +128,10 @@ def read_weights(folder: Path) -> dict[str, torch.Tensor]:
         if not path.is_file():
             raise CheckpointError(f"weight file {path} is missing (listed in {INDEX_NAME})")
         try:
-            state.update(load_file(str(path)))
+            with safe_open(str(path), framework="pt") as weights:
+                for key in weights.keys():
+                    tensor = weights.get_tensor(key)
+                    state[key] = tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
         except (SafetensorError, OSError, ValueError) as error:
             raise CheckpointError(f"weight file {path} is truncated or corrupt: {error}") from error
     return state
@@ -165,21 +171,36 @@ def load_model(folder: Path, device="cpu", dtype: torch.dtype | None = None):
             text_tokenizer = AutoTokenizer.from_pretrained(folder / TEXT_TOKENIZER_DIR, local_files_only=True)
     except (OSError, ValueError) as error:
         raise CheckpointError(f"the tokenizer files in {folder} are missing or unreadable: {error}") from error
-    # Built directly in the requested dtype: an 8B LLM in fp32 first would need twice the host memory.
-    model = build_model(config, tokenizer=tokenizer, text_tokenizer=text_tokenizer, dtype=dtype)
+    # Built directly in the requested dtype, and without random initialisation: every weight is read from the
+    # folder, and initialising a Phi-3-size model first costs over a minute on a CPU.
+    with _weight_init_skipped():
+        model = build_model(config, tokenizer=tokenizer, text_tokenizer=text_tokenizer, dtype=dtype)
     if model.config.token_ids != config.token_ids:
         raise CheckpointError(f"the tokenizer in {folder} gives token ids {model.config.token_ids} but config.json says "
                               f"{config.token_ids}: tokenizer and weights do not belong together")
     adapter = folder / ADAPTER_DIR
     if config.language_model is not None and config.language_model.path and adapter.is_dir():
         _load_adapter(model, adapter)
-    state = read_weights(folder)
+    state = read_weights(folder, dtype)
     expected = {k: v for k, v in model.state_dict().items()
                 if not (model.language_model is not None and model.language_model.has_lora and k.startswith("language_model."))}
     check_state_dict(expected, state, f"the weights in {folder}")
-    model.load_state_dict(state, strict=False)
+    # The read tensors become the parameters (no second copy of the weights in memory); the file stores tied
+    # embeddings twice, so they are tied again.
+    model.load_state_dict(state, strict=False, assign=True)
+    if model.language_model is not None:
+        model.language_model.causal_lm.tie_weights()
     model.eval()
     return model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
+
+
+def _weight_init_skipped():
+    """transformers' switch that makes torch's and its own weight initialisers no-ops (moved in transformers 5)."""
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:
+        from transformers.modeling_utils import no_init_weights
+    return no_init_weights()
 
 
 def _load_adapter(model, adapter: Path) -> None:

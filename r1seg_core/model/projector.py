@@ -24,7 +24,8 @@ class MultimodalProjector(nn.Module):
     def pool_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         b, _, c = tokens.shape
         grid = tokens.transpose(1, 2).reshape(b, c, *self.grid)
-        pooled = F.avg_pool3d(grid, kernel_size=self.pool, stride=self.pool)
+        # Averaged in fp32: torch has no bf16 avg_pool3d on the CPU, where a bf16 model can run.
+        pooled = F.avg_pool3d(grid.float(), kernel_size=self.pool, stride=self.pool).to(grid.dtype)
         return pooled.flatten(2).transpose(1, 2)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
