@@ -34,14 +34,17 @@ def phi3():
     return small_model().eval()
 
 
-@pytest.mark.parametrize("preset,hidden", [("phi3-mini", 3072), ("llama3-8b", 4096), ("qwen2.5-7b", 3584)])
-def test_paper_size_shapes_on_meta(preset, hidden):
+@pytest.mark.parametrize("preset,hidden,rope", [("phi3-mini", 3072, "default"), ("llama3-8b", 4096, "llama3"),
+                                               ("qwen2.5-7b", 3584, "default")])
+def test_paper_size_shapes_on_meta(preset, hidden, rope):
     with torch.device("meta"):
         model = build_model(preset_config(preset), tokenizer=False)
         images = torch.empty(1, 1, 32, 256, 256)
         tokens = model.encode_images(images)
         visual = model.projector(tokens)
         seg = model.decode_masks(tokens, torch.empty(1, 768))
+    # The paper's "LLaMA 3" is Llama-3.1-8B, whose rotary frequencies are rescaled.
+    assert model.language_model.causal_lm.model.rotary_emb.rope_type == rope
     assert tokens.shape == (1, 2048, 768)
     assert visual.shape == (1, 256, hidden)
     assert seg.low_res_passes[0].shape == (1, 1, 32, 64, 64)

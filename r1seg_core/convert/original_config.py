@@ -13,7 +13,7 @@ from pathlib import Path
 from ..config import (CompatibilityConfig, DecoderConfig, EncoderConfig, LanguageModelConfig, LoraConfig,
                       R1Seg3DConfig, TextEncoderConfig)
 from ..errors import CheckpointError
-from ..model.builder import LLAMA3_8B, PHI3_MINI
+from ..model.builder import LLAMA31_8B, PHI3_MINI
 from .keymaps import LORA, MERGED, SAM, SEGVOL_VIT
 
 ORIGINAL_REPOSITORY = "lihaoqin168/R1Seg-3D"
@@ -39,14 +39,8 @@ ORIGINAL_LORA = dict(r=16, alpha=32, dropout=0.05)
 CLIP_VIT_B32_TEXT = dict(model_type="clip_text_model", vocab_size=49408, hidden_size=512, intermediate_size=2048,
                          num_hidden_layers=12, num_attention_heads=8, max_position_embeddings=77, hidden_act="quick_gelu",
                          layer_norm_eps=1e-5, projection_dim=512, bos_token_id=0, eos_token_id=2, pad_token_id=1)
-# The LLMs of the two releases, as their Hugging Face configs describe them. Phi-3-mini-4k-instruct keeps a
-# 2047-token sliding window; Llama-3.1-8B rescales its rotary frequencies ("llama3"), which changes every position.
-PUBLISHED_LLMS = {
-    "phi3": dict(PHI3_MINI, sliding_window=2047, original_max_position_embeddings=4096, rope_theta=10000.0),
-    "llama": dict(LLAMA3_8B, max_position_embeddings=131072,
-                  rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                                    original_max_position_embeddings=8192)),
-}
+# The LLMs of the two releases.
+PUBLISHED_LLMS = {"phi3": PHI3_MINI, "llama": LLAMA31_8B}
 
 # Keys the LaMed wrapper adds to the LLM's Hugging Face config; they describe the vision side, not the LLM.
 _LAMED_KEYS = {"image_channel", "img_size", "patch_size", "mlp_dim", "num_layers", "num_heads", "need_text_en",

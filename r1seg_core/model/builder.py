@@ -13,13 +13,18 @@ from .language_model import LanguageModel, add_special_tokens, build_causal_lm, 
 from .r1seg3d import R1Seg3D
 from .text_encoder import TextEncoder, build_text_model
 
-# Paper-size LLMs (public architecture facts). Their tokenizers are not bundled: use a local folder for real work.
+# Paper-size LLMs, as the published R1Seg-3D releases' Hugging Face configs describe them (public architecture
+# facts). Phi-3-mini-4k keeps a 2047-token sliding window; Llama-3.1-8B rescales its rotary frequencies ("llama3"),
+# which changes every position. Their tokenizers are not bundled: use a local folder for real work.
 PHI3_MINI = dict(model_type="phi3", hidden_size=3072, intermediate_size=8192, num_hidden_layers=32, num_attention_heads=32,
-                 num_key_value_heads=32, vocab_size=32064, max_position_embeddings=4096, rms_norm_eps=1e-5,
-                 bos_token_id=1, eos_token_id=32000, pad_token_id=32000, tie_word_embeddings=False)
-LLAMA3_8B = dict(model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                 num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rms_norm_eps=1e-5,
-                 rope_theta=500000.0, bos_token_id=128000, eos_token_id=128001, tie_word_embeddings=False)
+                 num_key_value_heads=32, vocab_size=32064, max_position_embeddings=4096, original_max_position_embeddings=4096,
+                 sliding_window=2047, rope_theta=10000.0, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=32000,
+                 pad_token_id=32000, tie_word_embeddings=False)
+LLAMA31_8B = dict(model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                  num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072, rms_norm_eps=1e-5,
+                  rope_theta=500000.0, rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
+                                                         high_freq_factor=4.0, original_max_position_embeddings=8192),
+                  bos_token_id=128000, eos_token_id=128001, tie_word_embeddings=False)
 QWEN25_7B = dict(model_type="qwen2", hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
                  num_key_value_heads=4, vocab_size=152064, max_position_embeddings=32768, rms_norm_eps=1e-6,
                  rope_theta=1000000.0, bos_token_id=151643, eos_token_id=151643, tie_word_embeddings=False)
@@ -65,7 +70,7 @@ PRESETS = {
     "tiny-sam": _sam_tiny,
     "mid": _mid,
     "phi3-mini": lambda: _paper(PHI3_MINI),
-    "llama3-8b": lambda: _paper(LLAMA3_8B),
+    "llama3-8b": lambda: _paper(LLAMA31_8B),
     "qwen2.5-7b": lambda: _paper(QWEN25_7B),
     "mistral-7b": lambda: _paper(MISTRAL_7B),
 }
