@@ -71,12 +71,26 @@ class DeviceChoice(enum.Enum):
         return {"auto": _("Auto (GPU if available)"), "cpu": _("CPU"), "cuda": _("GPU (CUDA)")}[self.value]
 
 
+class PrecisionChoice(enum.Enum):
+    AUTO = "auto"
+    FLOAT32 = "float32"
+    BFLOAT16 = "bfloat16"
+
+    def label(self):
+        return {
+            "auto": _("Auto (bf16 on GPU, fp32 on CPU)"),
+            "float32": _("float32"),
+            "bfloat16": _("bfloat16 (half the memory)"),
+        }[self.value]
+
+
 @parameterNodeWrapper
 class R1Seg3DSlicerParameterNode:
     """
     inputVolume      the CT the questions are about
     modelFolder      model to load; empty means the project's default model
     device           where the model runs
+    precision        number format of the weights and activations
     useModelDefaults ignore the two settings below and use what the model was tuned with
     refinementLoops  extra mask-refinement passes (0-3)
     windowOverlap    fraction of overlap between sliding windows
@@ -85,6 +99,7 @@ class R1Seg3DSlicerParameterNode:
     inputVolume: vtkMRMLScalarVolumeNode
     modelFolder: str = ""
     device: DeviceChoice = DeviceChoice.AUTO
+    precision: PrecisionChoice = PrecisionChoice.AUTO
     useModelDefaults: bool = True
     refinementLoops: Annotated[int, WithinRange(0, 3)] = 1
     windowOverlap: Annotated[float, WithinRange(0.0, 0.9)] = 0.5
@@ -101,6 +116,7 @@ class R1Seg3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode = None
         self._parameterNodeGuiTag = None
         self._questionVolumeNodeId = None
+        self._questionOptions = None
         self._shownTranscript = None
         self._notice = ""  # a one-off status message (e.g. "Select a CT volume first.")
 
@@ -180,6 +196,13 @@ class R1Seg3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.deviceCombo.toolTip = _("Where the model runs. Auto uses the GPU when PyTorch sees one.")
         form.addRow(_("Device:"), self.deviceCombo)
 
+        self.precisionCombo = qt.QComboBox()
+        self.precisionCombo.toolTip = _(
+            "Number format of the model. bfloat16 halves the memory the model needs; on a CPU it can be"
+            " slower than float32. Changing it reloads the model."
+        )
+        form.addRow(_("Precision:"), self.precisionCombo)
+
         self.useModelDefaultsCheckBox = qt.QCheckBox(_("Use the model's defaults"))
         form.addRow(self.useModelDefaultsCheckBox)
         self.loopsSpinBox = qt.QSpinBox()
@@ -248,6 +271,7 @@ class R1Seg3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 {
                     "inputVolume": self.volumeSelector,
                     "device": self.deviceCombo,
+                    "precision": self.precisionCombo,
                     "useModelDefaults": self.useModelDefaultsCheckBox,
                     "refinementLoops": self.loopsSpinBox,
                     "windowOverlap": self.overlapSpinBox,
@@ -294,11 +318,13 @@ class R1Seg3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.chat.send(question, volumeNode.GetName())
         self.questionEdit.clear()
         self._questionVolumeNodeId = volumeNode.GetID()
+        # Kept for the error message: the settings may change while the question runs.
+        self._questionOptions = self.logic.askOptions(self._parameterNode)
         try:
-            self.logic.startQuestion(volumeNode, question, self.logic.askOptions(self._parameterNode))
+            self.logic.startQuestion(volumeNode, question, self._questionOptions)
         except Exception as error:
             logging.exception("R1Seg3D could not start the question")
-            self.chat.fail(engine.describe_error(error))
+            self.chat.fail(engine.describe_error(error, self._questionOptions))
         else:
             self.pollTimer.start()
 
@@ -312,7 +338,7 @@ class R1Seg3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self._writeAnswer(event.result)
             elif isinstance(event, worker.FailedEvent):
                 logging.error("R1Seg3D question failed:\n" + event.traceback_text)
-                self.chat.fail(engine.describe_error(event.error))
+                self.chat.fail(engine.describe_error(event.error, self._questionOptions))
             elif isinstance(event, worker.CancelledEvent):
                 self.chat.mark_cancelled()
         if self.chat.state is chat.ChatState.IDLE:
@@ -427,6 +453,7 @@ class R1Seg3DSlicerLogic(ScriptedLoadableModuleLogic):
         return engine.AskOptions(
             model_dir=parameterNode.modelFolder or None,
             device=parameterNode.device.value,
+            dtype=parameterNode.precision.value,
             overlap=None if useDefaults else parameterNode.windowOverlap,
             loops=None if useDefaults else parameterNode.refinementLoops,
         )
@@ -622,7 +649,7 @@ class R1Seg3DSlicerTest(ScriptedLoadableModuleTest):
         # No conversation object either: importing the engine's inference package needs torch, which
         # the test machines do not have.
         return engine.R1SegSession(
-            predictor_factory=lambda folder, device: ScriptedPredictor(),
+            predictor_factory=lambda folder, device, dtype: ScriptedPredictor(),
             vocabulary_loader=lambda: None,
             conversation_factory=lambda: None,
         )

@@ -1,6 +1,7 @@
 """R1Seg3DSlicer/batch.py end to end under plain Python with slicer-core: CT file in, .seg.nrrd and
-JSON out, exit codes. Most tests script the model; `test_batch_runs_the_real_predictor` runs the
-project's real Predictor and default model on a small real CT."""
+JSON out, exit codes. Most tests script the model; `test_batch_runs_the_real_predictor` and
+`test_batch_runs_the_real_predictor_in_bfloat16` run the project's real Predictor and default model
+on a small real CT."""
 import io
 import json
 import os
@@ -28,8 +29,8 @@ SMALL_CT = "totalseg_example/example_ct_sm.nii.gz"
 class LiverPredictor:
     """Returns a fixed block as "liver", on the grid it was given."""
 
-    def __init__(self, folder=None, device="cpu"):
-        self.device = device
+    def __init__(self, folder=None, device="cpu", dtype="auto"):
+        self.device, self.dtype = device, dtype
 
     def ask(self, volume, question, *, conversation=None, progress=None, cancel=None, **options):
         mask = np.zeros(volume.array.shape, np.uint8)
@@ -73,7 +74,7 @@ def test_batch_writes_the_answer(shared_ct, tmp_path):
     code, stdout, stderr = run_batch(
         ["--input", ct, "--question", "segment the liver", "--output", out, "--device", "cpu",
          "--answer-json", tmp_path / "answer.json"],
-        lambda folder, device: LiverPredictor(folder, device),
+        lambda folder, device, dtype: LiverPredictor(folder, device, dtype),
     )
     assert code == batch.EXIT_OK, stderr
     assert "The liver is outlined." in stdout and "[R1Seg3D] Segmenting 1/1" in stderr
@@ -92,7 +93,7 @@ def test_batch_writes_an_empty_segmentation_when_nothing_is_found(shared_ct, tmp
     out = tmp_path / "none.seg.nrrd"
     code, stdout, _ = run_batch(
         ["--input", shared_ct / SMALL_CT, "--question", "is there a gallbladder?", "--output", out],
-        lambda folder, device: NothingPredictor(),
+        lambda folder, device, dtype: NothingPredictor(),
     )
     assert code == batch.EXIT_OK
     assert "no gallbladder" in stdout
@@ -103,7 +104,7 @@ def test_batch_reads_a_dicom_series_folder(shared_ct, tmp_path):
     code, _, stderr = run_batch(
         ["--input", shared_ct / "totalseg_example/example_ct_dicom", "--question", "segment the liver",
          "--output", tmp_path / "dicom.seg.nrrd"],
-        lambda folder, device: LiverPredictor(),
+        lambda folder, device, dtype: LiverPredictor(),
     )
     assert code == batch.EXIT_OK, stderr
     assert (tmp_path / "dicom.seg.nrrd").stat().st_size > 0
@@ -113,7 +114,7 @@ def test_batch_exit_codes_for_engine_errors(shared_ct, tmp_path):
     from r1seg_core.errors import CheckpointError, InvalidInputError, OutOfMemoryError
 
     def failing(error):
-        def factory(folder, device):
+        def factory(folder, device, dtype):
             raise error
         return factory
 
@@ -130,9 +131,24 @@ def test_batch_exit_codes_for_engine_errors(shared_ct, tmp_path):
     assert not (tmp_path / "x.seg.nrrd").exists()
 
 
+def test_batch_passes_the_precision_to_the_model(shared_ct, tmp_path):
+    loaded = []
+
+    def factory(folder, device, dtype):
+        loaded.append(LiverPredictor(folder, device, dtype))
+        return loaded[-1]
+
+    common = ["--input", shared_ct / SMALL_CT, "--question", "segment the liver", "--output", tmp_path / "o.seg.nrrd"]
+    for extra, expected in [([], "auto"), (["--dtype", "bfloat16"], "bfloat16"), (["--dtype", "float32"], "float32")]:
+        code, _, stderr = run_batch(common + extra, factory)
+        assert code == batch.EXIT_OK, stderr
+        assert loaded[-1].dtype == expected
+    assert run_batch(common + ["--dtype", "float16"], factory)[0] == batch.EXIT_USAGE
+
+
 def test_batch_missing_input_and_bad_arguments(tmp_path):
     code, _, stderr = run_batch(["--input", tmp_path / "nope.nii.gz", "--question", "q", "--output", tmp_path / "o.seg.nrrd"],
-                                lambda folder, device: LiverPredictor())
+                                lambda folder, device, dtype: LiverPredictor())
     assert code == batch.EXIT_INPUT and "Input not found" in stderr
     assert batch.main(["--question", "q"], stderr=io.StringIO()) == batch.EXIT_USAGE
 
@@ -173,3 +189,27 @@ def test_batch_runs_the_real_predictor(shared_ct, tmp_path):
     segments = read_segmentation(out, shared_ct / SMALL_CT)
     assert all(mask.shape == (30, 101, 122) for mask in segments.values())
     assert len(segments) == sum(1 for t in summary["targets"] if t["segment_id"])
+
+
+def test_batch_runs_the_real_predictor_in_bfloat16(shared_ct, tmp_path):
+    """`--dtype bfloat16` on the CPU loads the real model in bfloat16 and still writes the answer."""
+    import torch
+    from R1Seg3DSlicerLib import engine
+
+    loaded = []
+
+    def factory(folder, device, dtype):
+        loaded.append(engine._default_predictor_factory(folder, device, dtype))
+        return loaded[-1]
+
+    out = tmp_path / "bf16.seg.nrrd"
+    code, stdout, stderr = run_batch(
+        ["--input", shared_ct / SMALL_CT, "--question", "segment the liver", "--output", out, "--device", "cpu",
+         "--dtype", "bfloat16"],
+        factory,
+    )
+    assert code == batch.EXIT_OK, stderr[-3000:]
+    assert loaded[0].dtype == torch.bfloat16
+    assert {parameter.dtype for parameter in loaded[0].model.parameters()} == {torch.bfloat16}
+    assert stdout.strip()
+    assert all(mask.shape == (30, 101, 122) for mask in read_segmentation(out, shared_ct / SMALL_CT).values())

@@ -257,8 +257,8 @@ def test_every_job_runs_on_the_same_thread(runner):
 
 
 class RecordingPredictor:
-    def __init__(self, folder, device):
-        self.folder, self.device, self.calls = folder, device, []
+    def __init__(self, folder, device, dtype):
+        self.folder, self.device, self.dtype, self.calls = folder, device, dtype, []
 
     def ask(self, volume, question, **kwargs):
         self.calls.append(kwargs)
@@ -268,20 +268,23 @@ class RecordingPredictor:
 def test_model_is_loaded_once_and_reloaded_only_when_settings_change():
     loads = []
 
-    def factory(folder, device):
-        loads.append((folder, device))
-        return RecordingPredictor(folder, device)
+    def factory(folder, device, dtype):
+        loads.append((folder, device, dtype))
+        return RecordingPredictor(folder, device, dtype)
 
     session = engine.R1SegSession(predictor_factory=factory)
     first = session.predictor(engine.AskOptions(device="cpu"))
     assert session.predictor(engine.AskOptions(model_dir="", device="cpu", loops=2)) is first
     session.predictor(engine.AskOptions(device="cuda"))
-    assert loads == [(None, "cpu"), (None, "cuda")]
+    half = session.predictor(engine.AskOptions(device="cuda", dtype="bfloat16"))
+    assert session.predictor(engine.AskOptions(device="cuda", dtype="bfloat16", overlap=0.3)) is half
+    session.predictor(engine.AskOptions(device="cuda", dtype="float32"))
+    assert loads == [(None, "cpu", "auto"), (None, "cuda", "auto"), (None, "cuda", "bfloat16"), (None, "cuda", "float32")]
 
 
 def test_unset_options_are_left_to_the_predictor():
-    predictor = RecordingPredictor(None, "cpu")
-    session = engine.R1SegSession(predictor_factory=lambda folder, device: predictor)
+    predictor = RecordingPredictor(None, "cpu", "auto")
+    session = engine.R1SegSession(predictor_factory=lambda folder, device, dtype: predictor)
     session.ask("volume", "q", engine.AskOptions())
     session.ask("volume", "q", engine.AskOptions(overlap=0.5, loops=0))
     assert "overlap" not in predictor.calls[0] and "loops" not in predictor.calls[0]
@@ -305,6 +308,20 @@ def test_error_messages_for_the_conversation():
     assert "Out of memory" in engine.describe_error(MemoryError())
     unexpected = engine.describe_error(KeyError("windows"))
     assert "Unexpected error" in unexpected and "Python console" in unexpected
+
+
+def test_out_of_memory_in_float32_on_the_cpu_points_to_bfloat16():
+    from r1seg_core.errors import OutOfMemoryError
+
+    engine_error = OutOfMemoryError("out of CPU memory for this CT: free memory, or crop the CT (can't allocate memory)")
+    for options in (engine.AskOptions(device="cpu"), engine.AskOptions(dtype="float32")):
+        message = engine.describe_error(engine_error, options)
+        assert message.startswith(str(engine_error) + ". ") and "bfloat16 precision (Advanced)" in message
+    on_cpu = engine.describe_error(MemoryError(), engine.AskOptions(device="cpu"))
+    assert "bfloat16 precision" in on_cpu and "CPU device" not in on_cpu  # it already runs there
+    for options in (engine.AskOptions(device="cpu", dtype="bfloat16"), engine.AskOptions(device="cuda"), None):
+        assert "bfloat16" not in engine.describe_error(engine_error, options)
+    assert "Try the CPU device" in engine.describe_error(MemoryError(), engine.AskOptions(device="cuda"))
 
 
 # ---- the module file ----------------------------------------------------------------------------------
@@ -416,10 +433,13 @@ print("HEAVY", heavy)
 
 def test_advanced_settings_become_ask_options(module):
     parameters = SimpleNamespace(useModelDefaults=True, modelFolder="", device=module.DeviceChoice.AUTO,
-                                 refinementLoops=2, windowOverlap=0.6)
-    assert module.R1Seg3DSlicerLogic.askOptions(parameters) == engine.AskOptions(None, "auto", None, None)
+                                 precision=module.PrecisionChoice.AUTO, refinementLoops=2, windowOverlap=0.6)
+    assert module.R1Seg3DSlicerLogic.askOptions(parameters) == engine.AskOptions(None, "auto", "auto", None, None)
     parameters.useModelDefaults, parameters.modelFolder, parameters.device = False, "/models/r1", module.DeviceChoice.GPU
-    assert module.R1Seg3DSlicerLogic.askOptions(parameters) == engine.AskOptions("/models/r1", "cuda", 0.6, 2)
+    parameters.precision = module.PrecisionChoice.BFLOAT16
+    assert module.R1Seg3DSlicerLogic.askOptions(parameters) == engine.AskOptions("/models/r1", "cuda", "bfloat16", 0.6, 2)
+    assert [choice.value for choice in module.PrecisionChoice] == ["auto", "float32", "bfloat16"]
+    assert "half the memory" in module.PrecisionChoice.BFLOAT16.label()
 
 
 def test_install_uses_pip_ensure_and_never_replaces_slicer_packages(module, monkeypatch):
@@ -486,8 +506,8 @@ class WindowedPredictor:
                                device="cpu")
 
 
-def run_logic_question(logic, volume_node, timeout=10.0):
-    logic.startQuestion(volume_node, "segment the liver", engine.AskOptions(device="cpu"))
+def run_logic_question(logic, volume_node, timeout=10.0, options=engine.AskOptions(device="cpu")):
+    logic.startQuestion(volume_node, "segment the liver", options)
     events = []
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and not any(isinstance(e, worker.TERMINAL_EVENTS) for e in events):
@@ -510,7 +530,7 @@ def test_logic_runs_a_question_in_the_background_and_writes_it(module):
     headless = scene.create_headless_scene()
     volume_node = small_ct(headless)
     logic = module.R1Seg3DSlicerLogic(session=engine.R1SegSession(
-        predictor_factory=lambda folder, device: WindowedPredictor(), vocabulary_loader=lambda: None))
+        predictor_factory=lambda folder, device, dtype: WindowedPredictor(), vocabulary_loader=lambda: None))
     try:
         events = run_logic_question(logic, volume_node)
         progress = [(e.done, e.stage) for e in events if isinstance(e, worker.ProgressEvent)]
@@ -526,6 +546,36 @@ def test_logic_runs_a_question_in_the_background_and_writes_it(module):
         logic.shutdown()
 
 
+def test_precision_setting_reaches_the_predictor_and_a_change_reloads_it(module):
+    pytest.importorskip("r1seg_core.volume")
+    from R1Seg3DSlicerLib import scene
+
+    headless = scene.create_headless_scene()
+    volume_node = small_ct(headless)
+    loads = []
+
+    def factory(folder, device, dtype):
+        loads.append(dtype)
+        return WindowedPredictor(windows=1)
+
+    logic = module.R1Seg3DSlicerLogic(session=engine.R1SegSession(predictor_factory=factory, vocabulary_loader=lambda: None))
+    parameters = SimpleNamespace(useModelDefaults=True, modelFolder="", device=module.DeviceChoice.CPU,
+                                 precision=module.PrecisionChoice.BFLOAT16, refinementLoops=1, windowOverlap=0.5)
+
+    def reloaded():
+        events = run_logic_question(logic, volume_node, options=logic.askOptions(parameters))
+        assert isinstance(events[-1], worker.FinishedEvent)
+        return any(isinstance(e, worker.ProgressEvent) and e.stage == "Loading the model" for e in events)
+
+    try:
+        assert reloaded() and loads == ["bfloat16"]
+        assert not reloaded() and loads == ["bfloat16"]  # same precision: the loaded model is reused
+        parameters.precision = module.PrecisionChoice.FLOAT32
+        assert reloaded() and loads == ["bfloat16", "float32"]
+    finally:
+        logic.shutdown()
+
+
 def test_logic_cancel_adds_nothing(module):
     pytest.importorskip("r1seg_core.volume")
     from R1Seg3DSlicerLib import scene
@@ -533,7 +583,7 @@ def test_logic_cancel_adds_nothing(module):
     headless = scene.create_headless_scene()
     volume_node = small_ct(headless)
     logic = module.R1Seg3DSlicerLogic(session=engine.R1SegSession(
-        predictor_factory=lambda folder, device: WindowedPredictor(windows=100, pause=0.05)))
+        predictor_factory=lambda folder, device, dtype: WindowedPredictor(windows=100, pause=0.05)))
     try:
         logic.startQuestion(volume_node, "segment the liver", engine.AskOptions(device="cpu"))
         time.sleep(0.2)

@@ -95,7 +95,7 @@ def main() -> None:
     print("fast path (batched windows, teacher-forced answer), seconds per step:")
     for step, seconds in {"read": read_s, **fast.timings, "write": write_s}.items():
         print(f"  {step:14s} {seconds:8.3f}")
-    print(f"  {'total':14s} {fast_s:8.3f}  ({fast.windows / fast_s:.1f} windows/s), peak memory {peak:.0f} MB")
+    print(f"  {'total':14s} {fast_s:8.3f}  ({fast.windows / fast_s:.2f} windows/s), peak memory {peak:.0f} MB")
     with_global_s, with_global = run(predictor, volume, args.question, overlap=args.overlap, window_batch=args.window_batch,
                                      global_step="answer")
     print(f"global text-answer step: {with_global.timings['global_step']:.3f} s of a {with_global_s:.3f} s run")

@@ -26,14 +26,15 @@ class AskOptions:
 
     model_dir: str | None = None
     device: str = "auto"
+    dtype: str = "auto"
     overlap: float | None = None
     loops: int | None = None
 
 
-def _default_predictor_factory(model_dir, device):
+def _default_predictor_factory(model_dir, device, dtype):
     from r1seg_core.inference.predictor import Predictor
 
-    return Predictor(model_dir=model_dir, device=device)
+    return Predictor(model_dir=model_dir, device=device, dtype=dtype)
 
 
 def _default_vocabulary_loader():
@@ -72,17 +73,32 @@ def segment_style(name: str, vocabulary) -> tuple[tuple[int, int, int], scene.Se
     return color, terminology
 
 
-def describe_error(error: BaseException) -> str:
+def _may_run_float32_on_cpu(options: AskOptions) -> bool:
+    # Auto precision is float32 on the CPU, and the auto device is the CPU on a machine without a
+    # GPU; telling which machine this is would import torch on the main thread.
+    return options.dtype != "bfloat16" and options.device != "cuda"
+
+
+def describe_error(error: BaseException, options: AskOptions | None = None) -> str:
     """A message for the conversation: the engine's own errors are written for users and are shown
-    as they are; anything else is a bug, so it says where the details went."""
+    as they are; anything else is a bug, so it says where the details went. With the question's
+    `options`, running out of memory in float32 on the CPU also points to bfloat16 precision."""
     try:
         from r1seg_core.errors import R1SegError as engine_errors
     except ImportError:
         engine_errors = ()  # isinstance(x, ()) is always False
+    if isinstance(error, MemoryError):  # the engine's OutOfMemoryError too, whose text says what ran out
+        if isinstance(error, engine_errors):
+            message = str(error).rstrip(".") + "."
+        elif options is not None and options.device == "cpu":
+            message = "Out of memory. Crop the volume (Crop Volume module) and ask again."
+        else:
+            message = "Out of memory. Try the CPU device, or crop the volume (Crop Volume module) and ask again."
+        if options is not None and _may_run_float32_on_cpu(options) and "bfloat16" not in message:
+            message += " On the CPU, bfloat16 precision (Advanced) halves the memory the model needs."
+        return message
     if isinstance(error, engine_errors):
         return str(error)
-    if isinstance(error, MemoryError):
-        return "Out of memory. Try the CPU device, or crop the volume (Crop Volume module) and ask again."
     if isinstance(error, ValueError):
         return str(error)
     return f"Unexpected error ({type(error).__name__}: {error}). The full traceback is in the Python console."
@@ -131,18 +147,18 @@ class R1SegSession:
 
     @staticmethod
     def _cache_key(options: AskOptions):
-        return (options.model_dir or None, options.device)
+        return (options.model_dir or None, options.device, options.dtype)
 
     def _needs_loading(self, options: AskOptions) -> bool:
         return self._predictor is None or self._loaded_key != self._cache_key(options)
 
     def predictor(self, options: AskOptions):
-        """Load the model once per (folder, device) and keep it."""
+        """Load the model once per (folder, device, precision) and keep it."""
         key = self._cache_key(options)
         with self._predictor_lock:
             if self._needs_loading(options):
                 self._predictor = None  # let the old weights go before the new ones load
-                self._predictor = self._predictor_factory(key[0], key[1])
+                self._predictor = self._predictor_factory(*key)
                 self._loaded_key = key
             return self._predictor
 

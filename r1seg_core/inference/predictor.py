@@ -163,7 +163,7 @@ class Predictor:
                 if not is_out_of_memory(error):
                     raise
                 raise OutOfMemoryError(f"not enough memory to load {self.model_dir} in {str(self.dtype).removeprefix('torch.')}"
-                                       + ("; --dtype bfloat16 halves what it needs" if self.dtype == torch.float32 else "")) from error
+                                       + ("; bfloat16 precision (--dtype bfloat16) halves what it needs" if self.dtype == torch.float32 else "")) from error
         else:
             self.model_dir = None
         if model.language_model is None:
