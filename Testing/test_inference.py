@@ -64,8 +64,9 @@ def test_a_second_question_about_the_same_ct_reuses_its_encoder_outputs(predicto
     assert again.timings["encoder"] < first.timings["encoder"] / 3
     assert again.timings["resample"] < first.timings["resample"] / 3
     np.testing.assert_allclose(again.targets[0].probability, first.targets[0].probability, atol=1e-6)
-    edited = ct.with_array(ct.array + 1)
-    other = predictor.ask(edited, "segment the liver", global_step="off")
+    one_voxel_edited = ct.array.copy()
+    one_voxel_edited[tuple(size // 2 for size in ct.shape)] += 1
+    other = predictor.ask(ct.with_array(one_voxel_edited), "segment the liver", global_step="off")
     assert other.timings["encoder"] > again.timings["encoder"], "another CT's voxels must not reuse the cache"
 
 
@@ -249,3 +250,29 @@ def test_bf16_on_the_cpu_gives_the_fp32_answer(tmp_path, ct):
     assert abs(half.targets[0].voxel_count - full.targets[0].voxel_count) <= 0.01 * full.targets[0].voxel_count
     with pytest.raises(InvalidInputError, match="unknown dtype"):
         Predictor(folder, device="cpu", dtype="float8")
+
+
+def test_global_step_scores_the_answer_templates_when_the_question_names_its_targets(predictor, ct):
+    result = predictor.ask(ct, "segment the liver", global_step="answer")
+    assert result.model_text in {"The liver is [SEG].", "Sorry, there is no liver."}
+    both = predictor.ask(ct, "segment the liver and the spleen", global_step="answer")
+    assert both.model_text in {"The liver is [SEG] and the spleen is [SEG].", "Sorry, there is no liver and spleen."}
+
+
+def test_a_seg_answered_first_is_used_unless_the_original_switch_hides_it(predictor):
+    # The original code never saw a [SEG] generated as the very first token (compatibility switch, default off).
+    model = predictor.model
+    with torch.no_grad():
+        visual = model.projector(model.encode_images(torch.rand(1, 1, *WINDOW)))
+    prompt = prompting.prompt_ids(model.tokenizer, "Where is the liver?", model.num_visual_tokens)
+    seg_first = [model.token_ids["seg"], model.token_ids["eos"]]
+    compat = model.config.compatibility
+    counts = {}
+    try:
+        for visible in (True, False):
+            compat.first_generated_seg_visible = visible
+            with torch.no_grad():
+                counts[visible] = len(score_candidates(model, visual, prompt, [seg_first]).seg_states[0])
+    finally:
+        compat.first_generated_seg_visible = True
+    assert counts == {True: 1, False: 0}

@@ -199,7 +199,7 @@ def test_save_and_load_give_identical_outputs(tmp_path):
     torch.testing.assert_close(after.segmentation.logits, before.segmentation.logits, atol=1e-4, rtol=1e-4)
 
 
-def test_loading_in_bf16_casts_every_weight_and_ties_embeddings_again(tmp_path):
+def test_loading_in_bf16_casts_every_weight_keeps_rotary_fp32_and_ties_embeddings_again(tmp_path):
     # The loader skips random initialisation and takes the read tensors as parameters: every parameter and
     # buffer must come back equal to the saved one, and tied embeddings must share one tensor again.
     torch.manual_seed(0)
@@ -216,6 +216,9 @@ def test_loading_in_bf16_casts_every_weight_and_ties_embeddings_again(tmp_path):
     for name, tensor in loaded.state_dict().items():
         expected = saved[name].to(torch.bfloat16) if saved[name].is_floating_point() else saved[name]
         assert torch.equal(tensor, expected), name
+    # Rotary frequencies are not weights: rounded to bf16 they would move every position's angle.
+    rotary = {name: b for name, b in loaded.named_buffers(remove_duplicate=False) if name.endswith("inv_freq")}
+    assert rotary and all(b.dtype == torch.float32 and torch.equal(b, model.get_buffer(name)) for name, b in rotary.items())
 
 
 def test_loader_names_the_broken_file_and_keys(tmp_path):

@@ -8,7 +8,12 @@ from r1seg_core.errors import InvalidInputError
 from r1seg_core.preprocess import (
     ModelGrid,
     PreprocessConfig,
+    _grid_image,
+    _grid_sampling,
+    _resample,
+    _volume_sampling,
     canonical_grid,
+    is_on_grid,
     resize_from_window,
     resize_to_window,
     scale_hounsfield,
@@ -102,6 +107,16 @@ def test_grid_of_an_aligned_ct_at_model_spacing_is_its_own_grid(shared_ct):
     image, grid = to_model_space(ct, cfg)
     assert grid == ModelGrid(ct.shape, (1.5, 1.5, 1.5), ct.origin)
     np.testing.assert_allclose(image, scale_hounsfield(ct.array, cfg), atol=1e-6)
+    # There resampling is skipped both ways; SimpleITK's resampling gives the same voxels.
+    assert is_on_grid(ct, grid)
+    resampled = _resample(ct.to_sitk(), _grid_sampling(grid), fill=cfg.hu_min)
+    np.testing.assert_allclose(image, scale_hounsfield(resampled, cfg), atol=1e-6)
+    probabilities = np.random.default_rng(0).random(ct.shape, dtype=np.float32)
+    np.testing.assert_allclose(to_input_grid(probabilities, grid, ct),
+                               _resample(_grid_image(probabilities, grid), _volume_sampling(ct), fill=0.0), atol=1e-6)
+    half_voxel_off = ModelGrid(ct.shape, grid.spacing_zyx, tuple(o + 0.75 for o in ct.origin))
+    assert not is_on_grid(ct, half_voxel_off)
+    assert not is_on_grid(ct, canonical_grid(ct, (1.5, 1.5, 1.0)))
 
 
 def test_flipped_axes_come_out_in_canonical_order(abdomen):

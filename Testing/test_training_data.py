@@ -276,7 +276,7 @@ def test_questions_use_the_answers_the_predictor_scores():
     for _ in range(50):
         qa = segmentation_qa(rng, True, ["liver", "spleen", "left kidney"], ["heart"], settings)
         assert qa.answer.count(SEG_TOKEN) == len(qa.targets) >= 1
-        assert all(f"The {t} is [SEG]" in qa.answer for t in qa.targets)
+        assert qa.answer.startswith("The ") and all(f"the {t} is [seg]" in qa.answer.lower() for t in qa.targets)
         negative = segmentation_qa(rng, False, ["liver"], ["heart", "aorta"], settings)
         assert SEG_TOKEN not in negative.answer and negative.targets == [] and negative.answer.startswith("Sorry, there is no")
         existence = existence_qa(rng, bool(rng.random() < 0.5), ["liver"], ["heart"], settings)

@@ -77,7 +77,8 @@ def positive_answer(targets: list[str]) -> str:
     if len(targets) == 1:
         return NAMED_POSITIVE_ANSWER.format(target=targets[0])
     parts = [NAMED_POSITIVE_ANSWER.format(target=t).rstrip(".") for t in targets]
-    return MULTI_TARGET_JOIN.join(parts) + "."
+    # Only the sentence's first "The" is capitalised.
+    return MULTI_TARGET_JOIN.join([parts[0]] + [part[0].lower() + part[1:] for part in parts[1:]]) + "."
 
 
 def negative_answer(targets: list[str]) -> str:

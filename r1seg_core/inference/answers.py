@@ -33,7 +33,8 @@ def _prefill(model, visual_tokens: torch.Tensor, prompt: list[int]):
 def _select_states(model, last_prompt_state: torch.Tensor, hidden: torch.Tensor, answer: list[int]) -> torch.Tensor:
     """[SEG] states of one answer given the states over its tokens (and the prompt's last state before them)."""
     seg_id = model.token_ids["seg"]
-    positions = [i for i, token in enumerate(answer) if token == seg_id]
+    first_visible = model.config.compatibility.first_generated_seg_visible
+    positions = [i for i, token in enumerate(answer) if token == seg_id and (i > 0 or first_visible)]
     if model.config.compatibility.seg_state == "at":
         states = [hidden[p] for p in positions]
     else:
@@ -77,36 +78,37 @@ def score_candidates(model, visual_tokens: torch.Tensor, prompt: list[int], cand
 def greedy_decode(model, visual_tokens: torch.Tensor, prompt: list[int], max_new_tokens: int) -> WindowAnswers:
     """Greedy generation for all rows together; rows that reached EOS stop growing."""
     eos, seg = model.token_ids["eos"], model.token_ids["seg"]
+    compat = model.config.compatibility
     rows = visual_tokens.shape[0]
     device = visual_tokens.device
     last_state, cache = _prefill(model, visual_tokens, prompt)
     previous = last_state
     tokens: list[list[int]] = [[] for _ in range(rows)]
     states: list[list[torch.Tensor]] = [[] for _ in range(rows)]
-    finished = torch.zeros(rows, dtype=torch.bool, device=device)
-    at_seg = model.config.compatibility.seg_state == "at"
-    pending_at_seg = torch.zeros(rows, dtype=torch.bool, device=device)
+    finished = [False] * rows
     length = len(prompt)
-    for _ in range(max_new_tokens):
-        next_ids = model.language_model.logits(previous).argmax(-1)
-        next_ids = torch.where(finished, torch.full_like(next_ids, eos), next_ids)
+    for step in range(max_new_tokens):
+        chosen = model.language_model.logits(previous).argmax(-1).tolist()   # the step's one host sync
+        seen_at = [r for r in range(rows) if not finished[r] and chosen[r] == seg
+                   and (step > 0 or compat.first_generated_seg_visible)]
         for r in range(rows):
             if not finished[r]:
-                tokens[r].append(int(next_ids[r]))
-                if int(next_ids[r]) == seg and not at_seg:
-                    states[r].append(previous[r])
-        pending_at_seg = (next_ids == seg) & ~finished
-        finished |= next_ids == eos
-        if finished.all():
+                tokens[r].append(chosen[r])
+                finished[r] = chosen[r] == eos
+        if compat.seg_state == "before":
+            for r in seen_at:
+                states[r].append(previous[r])
+        if all(finished):
             break
+        next_ids = torch.tensor([eos if finished[r] else chosen[r] for r in range(rows)], device=device)
         mask = torch.ones((rows, length + 1), dtype=torch.long, device=device)
         positions = torch.full((rows, 1), length, dtype=torch.long, device=device)
         hidden, cache = model.language_model(model.language_model.embed_tokens(next_ids[:, None]), mask,
                                              past_key_values=cache, use_cache=True, position_ids=positions)
         previous = hidden[:, -1]
         length += 1
-        if at_seg:
-            for r in torch.nonzero(pending_at_seg).flatten().tolist():
+        if compat.seg_state == "at":
+            for r in seen_at:
                 states[r].append(previous[r])
     stacked = []
     for row_states in states:
@@ -114,5 +116,5 @@ def greedy_decode(model, visual_tokens: torch.Tensor, prompt: list[int], max_new
             stacked.append(last_state.new_zeros(0, last_state.shape[-1]))
             continue
         row = torch.stack(row_states)
-        stacked.append(row.mean(0, keepdim=True) if model.config.compatibility.average_seg_states else row)
+        stacked.append(row.mean(0, keepdim=True) if compat.average_seg_states else row)
     return WindowAnswers(tokens, stacked)

@@ -7,8 +7,8 @@ against the model's answer templates (teacher forcing) or generated greedily, ne
 """
 from __future__ import annotations
 
-import hashlib
 import time
+import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,18 +63,22 @@ class AskOptions:
 class CTCache:
     """What the predictor keeps about the CT it last answered a question on."""
     key: bytes
-    model_space: tuple | None = None
+    model_space: tuple | None = None                 # (voxels on the model grid, that grid)
+    padded: tuple | None = None                      # (those voxels padded to a window, on the device; crop back)
     windows: dict = field(default_factory=dict)      # window start -> (encoder tokens, visual tokens)
     whole_ct: tuple | None = None                    # the global step's (encoder tokens, visual tokens)
 
 
 def volume_fingerprint(volume: Volume) -> bytes:
-    """Voxels and geometry: the same CT handed over again (e.g. from Slicer) is recognised, an edited one is not."""
-    digest = hashlib.blake2b(digest_size=16)
-    digest.update(np.ascontiguousarray(volume.array).view(np.uint8).reshape(-1))
-    digest.update(str((volume.array.dtype, volume.array.shape, volume.spacing, volume.origin)).encode())
-    digest.update(np.asarray(volume.direction, dtype=np.float64).tobytes())
-    return digest.digest()
+    """Voxels and geometry: the same CT handed over again (e.g. from Slicer) is recognised, an edited one is not.
+
+    Two 32-bit checksums of the voxels (a stale cache needs both to collide by accident) cost a fifth of a
+    cryptographic hash, which is paid on every question; nobody gains by forging a CT against their own cache.
+    """
+    voxels = np.ascontiguousarray(volume.array).view(np.uint8).reshape(-1)
+    geometry = str((volume.array.dtype, volume.array.shape, volume.spacing, volume.origin)).encode()
+    geometry += np.asarray(volume.direction, dtype=np.float64).tobytes()
+    return b"".join(value.to_bytes(4, "little") for value in (zlib.crc32(voxels), zlib.adler32(voxels), zlib.crc32(geometry))) + geometry
 
 
 @dataclass
@@ -205,15 +209,17 @@ class Predictor:
             if cache.model_space is None:
                 cache.model_space = to_model_space(volume, self.preprocess)
             array, grid = cache.model_space
+            roi = self.model.window_size
+            if cache.padded is None:
+                # Moved to the model's device in its dtype once per CT: windows are cut there, not copied per chunk.
+                cache.padded = pad_to_roi(torch.from_numpy(array).to(self.device, self.dtype), roi, value=0.0)
+            padded, crop = cache.padded
         notes = ["the model is an untrained placeholder: its masks are not meaningful"] if self.is_placeholder else []
         history = conversation.history_text() if conversation else ""
 
-        image = torch.from_numpy(array)
-        roi = self.model.window_size
-        padded, crop = pad_to_roi(image, roi, value=0.0)
         model_text, coarse = "", None
         if opts.global_step != "off":
-            model_text, coarse = self._global_step(array, padded.shape, crop, question, history, opts, timings)
+            model_text, coarse = self._global_step(array, padded.shape, crop, question, history, targets, opts, timings)
             if not targets:
                 targets = self._targets_in_answer(model_text)
         queries = self._queries(question, history, targets)
@@ -261,21 +267,25 @@ class Predictor:
 
     def _queries(self, question: str, history: str, targets: list[str]) -> list[Query]:
         """One query for zero or one target (the user's own words); one explicit query per target otherwise."""
-        tokenizer, eos, n = self.model.tokenizer, self.model.token_ids["eos"], self.model.num_visual_tokens
+        tokenizer, n = self.model.tokenizer, self.model.num_visual_tokens
 
         def query(text: str, names: list[str], indices: list[int]) -> Query:
-            positive = positive_answer(names) if names else POSITIVE_ANSWER
-            candidates = [answer_ids(tokenizer, positive, eos), answer_ids(tokenizer, negative_answer(names), eos)]
-            return Query(prompt_ids(tokenizer, text, n, history), candidates, indices)
+            return Query(prompt_ids(tokenizer, text, n, history), self.answer_templates(names), indices)
 
         if len(targets) <= 1:
             return [query(question, targets, [0])]
         return [query(PER_TARGET_QUESTION.format(target=name), [name], [i]) for i, name in enumerate(targets)]
 
+    def answer_templates(self, names: list[str]) -> list[list[int]]:
+        """The model's two answers to a question about `names`: found (one [SEG] each) or not there."""
+        tokenizer, eos = self.model.tokenizer, self.model.token_ids["eos"]
+        positive = positive_answer(names) if names else POSITIVE_ANSWER
+        return [answer_ids(tokenizer, positive, eos), answer_ids(tokenizer, negative_answer(names), eos)]
+
     # ---- the global step -----------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def _global_step(self, array, padded_shape, crop, question, history, opts, timings):
+    def _global_step(self, array, padded_shape, crop, question, history, targets, opts, timings):
         """One pass over the whole CT resized to one window: the text answer and a coarse mask."""
         with timings("global_step"):
             cache = self._ct_cache
@@ -285,7 +295,11 @@ class Predictor:
                 cache.whole_ct = (tokens, self.model.projector(tokens))
             tokens, visual = cache.whole_ct
             prompt = prompt_ids(self.model.tokenizer, question, self.model.num_visual_tokens, history)
-            answers = greedy_decode(self.model, visual, prompt, self.model.config.max_answer_tokens)
+            if targets and opts.answer_mode == "constrained":
+                # The question names its targets, so the answer is one of the templates: scored, not generated.
+                answers = score_candidates(self.model, visual, prompt, self.answer_templates(targets))
+            else:
+                answers = greedy_decode(self.model, visual, prompt, self.model.config.max_answer_tokens)
             text = self.model.tokenizer.decode(answers.token_ids[0], skip_special_tokens=False)
             text = text.replace(self.model.tokenizer.eos_token or "", "").strip()
             coarse = None
@@ -344,9 +358,10 @@ class Predictor:
             # Same dtype on the CPU: converting a paper-size model to fp32 could run out of host memory as well.
             self.device = torch.device("cpu")
             self.model.to(self.device)
-            # Encoder outputs cached on the GPU are dropped; the resampled CT (host memory) stays.
+            # What was cached on the GPU is dropped; the resampled CT (host memory) stays.
             self._ct_cache.windows.clear()
             self._ct_cache.whole_ct = None
+            self._ct_cache.padded = None
             return 1
         raise OutOfMemoryError("out of memory on the CPU even with one window per batch; free memory or use a smaller model")
 
@@ -379,7 +394,8 @@ class Predictor:
         cache = self._ct_cache
         missing = [start for start in chunk if start not in cache.windows]
         if missing:
-            windows = extract_windows(padded, missing, self.model.window_size).to(self.device, self.dtype)
+            # A no-op, unless an out-of-memory fallback moved the model to the CPU during this question.
+            windows = extract_windows(padded, missing, self.model.window_size).to(self.device)
             tokens = self.model.encode_images(windows)
             visual = self.model.projector(tokens)
             computed = {start: (tokens[i], visual[i]) for i, start in enumerate(missing)}

@@ -80,6 +80,17 @@ class LanguageModel(nn.Module):
         self.llm = causal_lm
         self.lora = lora
 
+    def _apply(self, fn, recurse=True):
+        # Rotary frequencies stay fp32 whatever the weights' dtype, as Hugging Face creates them: rounded to bf16
+        # they would shift the angle of every position (by about a radian at position 260).
+        rotary = {name: buffer for name, buffer in self.named_buffers(remove_duplicate=False) if name.endswith("inv_freq")}
+        super()._apply(fn, recurse)
+        for name, buffer in rotary.items():
+            owner_name, _, key = name.rpartition(".")
+            owner = self.get_submodule(owner_name)
+            owner._buffers[key] = buffer.to(owner._buffers[key].device)
+        return self
+
     @property
     def causal_lm(self):
         """The Hugging Face model without the PEFT wrapper (LoRA layers stay injected in it)."""
