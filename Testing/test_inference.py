@@ -276,3 +276,18 @@ def test_a_seg_answered_first_is_used_unless_the_original_switch_hides_it(predic
     finally:
         compat.first_generated_seg_visible = True
     assert counts == {True: 1, False: 0}
+
+
+def test_resampling_on_the_models_device_gives_the_same_answer(predictor, ct):
+    # On a GPU the predictor resamples with torch; forced here on the CPU, it must match SimpleITK's way.
+    flipped = Volume(ct.array[:, ::-1].copy(), ct.spacing, ct.origin, ct.direction @ np.diag([1, -1, 1]))
+    results = {}
+    try:
+        for on_device in (False, True):
+            predictor.resample_on_device = on_device
+            predictor.clear_cache()
+            results[on_device] = predictor.ask(flipped, "segment the liver", global_step="answer", keep_probability=True)
+    finally:
+        predictor.resample_on_device = False
+    np.testing.assert_allclose(results[True].targets[0].probability, results[False].targets[0].probability, atol=1e-4)
+    assert results[True].model_text == results[False].model_text

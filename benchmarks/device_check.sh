@@ -3,8 +3,8 @@
 #
 # That machine has torch, transformers, peft and safetensors but not monai or SimpleITK, and reaches no package
 # index: their wheels travel in .whl/ (fetched here beforehand, README.md). Output goes to $OUT when it is set.
-#   PRESET, CT_SIZE, OVERLAP and DEVICE override the defaults, e.g. for a dry run on a CPU:
-#   PRESET=tiny CT_SIZE=64,256,256 DEVICE=cpu benchmarks/device_check.sh
+#   PRESET, CT_SIZE, CT_SPACING, OVERLAP and DEVICE override the defaults, e.g. for a dry run on a CPU:
+#   PRESET=tiny CT_SIZE=64,256,256 CT_SPACING=2,1,1 DEVICE=cpu benchmarks/device_check.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -20,6 +20,7 @@ log="${OUT:-/tmp}/device_check.txt"
     if command -v nvidia-smi > /dev/null; then nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; fi
     python3 -c "import sys, torch, transformers, peft, monai, SimpleITK; print('python', sys.version.split()[0], '| torch', torch.__version__,
 '| transformers', transformers.__version__, '| peft', peft.__version__, '| monai', monai.__version__, '| SimpleITK', SimpleITK.Version_VersionString())"
-    python3 benchmarks/inference.py --preset "${PRESET:-phi3-mini}" --synthetic "${CT_SIZE:-225,410,410}" \
-        --overlap "${OVERLAP:-0.5}" --device "${DEVICE:-cuda}"
+    # An abdominal CT as acquired (0.8 x 0.8 x 1.5 mm): 226 x 410 x 410 on the model grid, 126 windows at overlap 0.5.
+    python3 benchmarks/inference.py --preset "${PRESET:-phi3-mini}" --synthetic "${CT_SIZE:-300,512,512}" \
+        --spacing "${CT_SPACING:-1.5,0.8,0.8}" --overlap "${OVERLAP:-0.5}" --device "${DEVICE:-cuda}"
 } 2>&1 | tee "$log"

@@ -5,7 +5,7 @@ with the answer generated token by token. The fast path batches windows and scor
 
     python benchmarks/inference.py --preset tiny                      # bundled sample CT, CPU
     python benchmarks/inference.py --preset mid --ct CT --device cpu
-    python benchmarks/inference.py --preset phi3-mini --synthetic 225,410,410 --overlap 0.5 --device cuda
+    python benchmarks/inference.py --preset phi3-mini --synthetic 300,512,512 --spacing 1.5,0.8,0.8 --overlap 0.5 --device cuda
 """
 from __future__ import annotations
 
@@ -56,7 +56,8 @@ def main() -> None:
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--model", help="a model folder instead of a preset with random weights")
     parser.add_argument("--ct", help="CT file or DICOM folder (default: the bundled sample CT)")
-    parser.add_argument("--synthetic", help="time a synthetic CT of this z,y,x size at 2x1x1 mm instead")
+    parser.add_argument("--synthetic", help="time a synthetic CT of this z,y,x size instead")
+    parser.add_argument("--spacing", default="2,1,1", help="the synthetic CT's z,y,x spacing in mm (default: the model's)")
     parser.add_argument("--question", default="segment the liver")
     parser.add_argument("--overlap", type=float, default=0.25)
     parser.add_argument("--device", default="auto")
@@ -78,7 +79,8 @@ def main() -> None:
             model = build_model(preset_config(args.preset), dtype=dtype)
         predictor = Predictor(model=model, device=device, dtype=dtype)
     start = time.perf_counter()
-    volume = synthetic_ct(tuple(int(v) for v in args.synthetic.split(","))) if args.synthetic else read_volume(args.ct or sample_ct_path())
+    volume = (synthetic_ct(tuple(int(v) for v in args.synthetic.split(",")), tuple(float(v) for v in args.spacing.split(",")))
+              if args.synthetic else read_volume(args.ct or sample_ct_path()))
     read_s = time.perf_counter() - start
     cpu = platform.processor() or platform.machine()
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU {cpu}, {torch.get_num_threads()} threads"

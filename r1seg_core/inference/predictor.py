@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from ..errors import CancelledError, InvalidInputError, OutOfMemoryError
-from ..preprocess import PreprocessConfig, resize_to_window, to_input_grid, to_model_space
+from ..preprocess import ModelGrid, PreprocessConfig, input_grid_tensor, model_space_tensor, resize_to_window
 from ..prompting import (PER_TARGET_QUESTION, POSITIVE_ANSWER, answer_ids, negative_answer, positive_answer, prompt_ids,
                          targets_named_in_answer, validate_question)
 from ..volume import Volume, read_volume, validate_ct
@@ -63,8 +63,8 @@ class AskOptions:
 class CTCache:
     """What the predictor keeps about the CT it last answered a question on."""
     key: bytes
-    model_space: tuple | None = None                 # (voxels on the model grid, that grid)
-    padded: tuple | None = None                      # (those voxels padded to a window, on the device; crop back)
+    grid: ModelGrid | None = None                    # the canonical grid the CT was resampled to
+    padded: tuple | None = None                      # (its voxels there padded to a window, on the device; crop back)
     windows: dict = field(default_factory=dict)      # window start -> (encoder tokens, visual tokens)
     whole_ct: tuple | None = None                    # the global step's (encoder tokens, visual tokens)
 
@@ -159,6 +159,8 @@ class Predictor:
 
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
+        # Resampling with torch on the GPU takes milliseconds; on a CPU, SimpleITK is the faster way.
+        self.resample_on_device = self.device.type == "cuda"
         if model is None:
             self.model_dir = Path(model_dir) if model_dir else default_model_path()
             try:
@@ -205,21 +207,20 @@ class Predictor:
         targets = self._targets_in(question, conversation)
         with timings("cache_lookup"):
             cache = self._cache_for(volume)    # also checks a CT it has not seen yet
+        roi = self.model.window_size
         with timings("resample"):
-            if cache.model_space is None:
-                cache.model_space = to_model_space(volume, self.preprocess)
-            array, grid = cache.model_space
-            roi = self.model.window_size
             if cache.padded is None:
-                # Moved to the model's device in its dtype once per CT: windows are cut there, not copied per chunk.
-                cache.padded = pad_to_roi(torch.from_numpy(array).to(self.device, self.dtype), roi, value=0.0)
+                # On the model's device in its dtype, once per CT: windows are cut there, not copied per chunk.
+                image, cache.grid = model_space_tensor(volume, self.preprocess, self.device, self.resample_on_device)
+                cache.padded = pad_to_roi(image.to(self.dtype), roi, value=0.0)
             padded, crop = cache.padded
+            grid = cache.grid
         notes = ["the model is an untrained placeholder: its masks are not meaningful"] if self.is_placeholder else []
         history = conversation.history_text() if conversation else ""
 
         model_text, coarse = "", None
         if opts.global_step != "off":
-            model_text, coarse = self._global_step(array, padded.shape, crop, question, history, targets, opts, timings)
+            model_text, coarse = self._global_step(padded, crop, question, history, targets, opts, timings)
             if not targets:
                 targets = self._targets_in_answer(model_text)
         queries = self._queries(question, history, targets)
@@ -237,12 +238,11 @@ class Predictor:
         results = []
         with timings("resample_back"):
             for name, stitcher, count in zip(names, stitchers, positives):
-                probability = stitcher.result()[crop].float().cpu().numpy()
-                on_input = to_input_grid(probability, grid, volume)
-                mask = (on_input >= opts.threshold).astype(np.uint8)
+                on_input = input_grid_tensor(stitcher.result()[crop], grid, volume, self.resample_on_device)
+                mask = (on_input >= opts.threshold).to(torch.uint8).cpu().numpy()   # a quarter of the probabilities' bytes
+                probability = on_input.cpu().numpy() if opts.keep_probability else None
                 voxels = int(mask.sum())
-                results.append(TargetResult(name, mask, on_input if opts.keep_probability else None,
-                                            voxels * volume.voxel_volume_ml, voxels, count))
+                results.append(TargetResult(name, mask, probability, voxels * volume.voxel_volume_ml, voxels, count))
         answer = compose_answer(results, named=bool(targets))
         result = AnswerResult(question, answer, results, dict(timings), notes, str(self.device), model_text, len(starts))
         if conversation is not None:
@@ -285,12 +285,12 @@ class Predictor:
     # ---- the global step -----------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def _global_step(self, array, padded_shape, crop, question, history, targets, opts, timings):
+    def _global_step(self, padded, crop, question, history, targets, opts, timings):
         """One pass over the whole CT resized to one window: the text answer and a coarse mask."""
         with timings("global_step"):
             cache = self._ct_cache
             if cache.whole_ct is None:
-                whole = torch.from_numpy(resize_to_window(array, self.model.window_size)).to(self.device, self.dtype)
+                whole = resize_to_window(padded[crop], self.model.window_size).to(self.dtype)
                 tokens = self.model.encode_images(whole[None, None])
                 cache.whole_ct = (tokens, self.model.projector(tokens))
             tokens, visual = cache.whole_ct
@@ -307,7 +307,7 @@ class Predictor:
                 seg = self.model.decode_masks(tokens.expand(len(answers.seg_states[0]), -1, -1),
                                               self.model.segment_projector(answers.seg_states[0]), opts.loops)
                 probability = torch.sigmoid(seg.logits[:, 0].float()).amax(0)
-                coarse = torch.zeros(padded_shape, device=self.device)
+                coarse = torch.zeros(padded.shape, device=self.device)
                 coarse[crop] = torch.nn.functional.interpolate(
                     probability[None, None], size=tuple(s.stop - s.start for s in crop), mode="trilinear")[0, 0]
         return text, coarse
@@ -357,6 +357,7 @@ class Predictor:
             notes.append("out of GPU memory even with one window per batch: finished on the CPU")
             # Same dtype on the CPU: converting a paper-size model to fp32 could run out of host memory as well.
             self.device = torch.device("cpu")
+            self.resample_on_device = False
             self.model.to(self.device)
             # What was cached on the GPU is dropped; the resampled CT (host memory) stays.
             self._ct_cache.windows.clear()
