@@ -291,3 +291,13 @@ def test_resampling_on_the_models_device_gives_the_same_answer(predictor, ct):
         predictor.resample_on_device = False
     np.testing.assert_allclose(results[True].targets[0].probability, results[False].targets[0].probability, atol=1e-4)
     assert results[True].model_text == results[False].model_text
+
+
+def test_only_windows_touching_the_coarse_mask_are_kept_by_the_skip_step(predictor):
+    from r1seg_core.inference.windows import window_starts
+
+    coarse = torch.zeros(32, 64, 128)
+    coarse[20:24, 40:44, 100:104] = 0.9
+    starts = window_starts(coarse.shape, WINDOW, 0.0)
+    far = predictor._far_windows(starts, coarse, WINDOW)
+    assert len(starts) == 8 and [start for start in starts if start not in far] == [(16, 32, 64)]

@@ -24,7 +24,7 @@ from ..volume import Volume, read_volume, validate_ct
 from .answers import WindowAnswers, greedy_decode, score_candidates
 from .conversation import Conversation
 from .result import AnswerResult, TargetResult
-from .windows import WindowStitcher, extract_windows, gaussian_importance_map, pad_to_roi, window_starts
+from .windows import WindowStitcher, extract_windows, gaussian_importance_map, pad_to_roi, window_region, window_starts
 
 ANSWER_MODES = ("constrained", "generate")
 GLOBAL_STEP_MODES = ("off", "answer", "skip")
@@ -315,12 +315,9 @@ class Predictor:
     def _far_windows(self, starts, coarse, roi) -> set:
         if coarse is None:
             return set()
-        far = set()
-        for start in starts:
-            region = tuple(slice(s, s + r) for s, r in zip(start, roi))
-            if coarse[region].max() < SKIP_THRESHOLD:
-                far.add(start)
-        return far
+        # One host sync for all windows, not one per window.
+        maxima = torch.stack([coarse[window_region(start, roi)].amax() for start in starts]).tolist()
+        return {start for start, peak in zip(starts, maxima) if peak < SKIP_THRESHOLD}
 
     # ---- windows -------------------------------------------------------------------------------------------
 
