@@ -169,6 +169,14 @@ def test_with_array_keeps_geometry_and_checks_shape(sample_ct):
         sample_ct.with_array(np.zeros((3, 3, 3)))
 
 
+def test_big_endian_voxels_become_native_and_reach_simpleitk(sample_ct):
+    # Some NRRD readers hand over big-endian arrays, which neither SimpleITK nor torch accept.
+    big_endian = sample_ct.array.astype(sample_ct.array.dtype.newbyteorder(">"))
+    volume = Volume(big_endian, sample_ct.spacing, sample_ct.origin, sample_ct.direction)
+    assert volume.array.dtype.isnative
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(volume.to_sitk()), sample_ct.array)
+
+
 def test_geometry_from_slicer_accepts_flat_direction_and_returns_plain_values():
     array = np.zeros((2, 3, 4), np.int16)
     spacing, origin, direction = validate_geometry(array, np.array([1, 1, 2]), [0, 0, 0], range(9))

@@ -55,6 +55,9 @@ class Volume:
         object.__setattr__(self, "spacing", spacing)
         object.__setattr__(self, "origin", origin)
         object.__setattr__(self, "direction", direction)
+        if not self.array.dtype.isnative:
+            # Big-endian voxels (from some NRRD readers) are read by neither SimpleITK nor torch: one native copy.
+            object.__setattr__(self, "array", self.array.astype(self.array.dtype.newbyteorder("=")))
 
     @classmethod
     def from_sitk(cls, image: sitk.Image, name: str = "") -> Volume:
