@@ -516,19 +516,21 @@ def run_logic_question(logic, volume_node, timeout=10.0, options=engine.AskOptio
     return events
 
 
-def small_ct(headless):
-    from R1Seg3DSlicerLib import scene
-
-    return scene.add_volume_node(headless.scene, np.full((8, 9, 10), -50, np.int16), (1.0, 1.0, 2.0), (0, 0, 0),
-                                 np.eye(3), "ct")
-
-
-def test_logic_runs_a_question_in_the_background_and_writes_it(module):
+@pytest.fixture
+def scene_with_ct():
+    """A headless MRML scene holding a small CT node (the engine must be importable for the Logic's runs)."""
     pytest.importorskip("r1seg_core.volume")
     from R1Seg3DSlicerLib import scene
 
     headless = scene.create_headless_scene()
-    volume_node = small_ct(headless)
+    return headless, scene.add_volume_node(headless.scene, np.full((8, 9, 10), -50, np.int16), (1.0, 1.0, 2.0),
+                                           (0, 0, 0), np.eye(3), "ct")
+
+
+def test_logic_runs_a_question_in_the_background_and_writes_it(module, scene_with_ct):
+    from R1Seg3DSlicerLib import scene
+
+    headless, volume_node = scene_with_ct
     logic = module.R1Seg3DSlicerLogic(session=engine.R1SegSession(
         predictor_factory=lambda folder, device, dtype: WindowedPredictor(), vocabulary_loader=lambda: None))
     try:
@@ -546,12 +548,8 @@ def test_logic_runs_a_question_in_the_background_and_writes_it(module):
         logic.shutdown()
 
 
-def test_precision_setting_reaches_the_predictor_and_a_change_reloads_it(module):
-    pytest.importorskip("r1seg_core.volume")
-    from R1Seg3DSlicerLib import scene
-
-    headless = scene.create_headless_scene()
-    volume_node = small_ct(headless)
+def test_precision_setting_reaches_the_predictor_and_a_change_reloads_it(module, scene_with_ct):
+    _, volume_node = scene_with_ct
     loads = []
 
     def factory(folder, device, dtype):
@@ -576,12 +574,8 @@ def test_precision_setting_reaches_the_predictor_and_a_change_reloads_it(module)
         logic.shutdown()
 
 
-def test_logic_cancel_adds_nothing(module):
-    pytest.importorskip("r1seg_core.volume")
-    from R1Seg3DSlicerLib import scene
-
-    headless = scene.create_headless_scene()
-    volume_node = small_ct(headless)
+def test_logic_cancel_adds_nothing(module, scene_with_ct):
+    headless, volume_node = scene_with_ct
     logic = module.R1Seg3DSlicerLogic(session=engine.R1SegSession(
         predictor_factory=lambda folder, device, dtype: WindowedPredictor(windows=100, pause=0.05)))
     try:

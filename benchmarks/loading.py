@@ -25,11 +25,10 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 def write_folder(preset: str, dtype: torch.dtype, folder: Path) -> None:
     """A checkpoint of the preset's size; the values do not matter for timing, so they are zeros."""
-    from transformers.initialization import no_init_weights
-
     from r1seg_core.model import build_model, preset_config
+    from r1seg_core.model.checkpoint import weight_init_skipped
 
-    with no_init_weights():
+    with weight_init_skipped():
         model = build_model(preset_config(preset), dtype=dtype)
     with torch.no_grad():
         for tensor in model.state_dict().values():

@@ -6,7 +6,6 @@ object, because unpickling an arbitrary object can execute code chosen by whoeve
 """
 from __future__ import annotations
 
-import json
 import pickle
 import zipfile
 from dataclasses import dataclass, field
@@ -15,7 +14,7 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError
-from ..model.checkpoint import INDEX_NAME, WEIGHTS_NAME, read_weights
+from ..model.checkpoint import INDEX_NAME, WEIGHTS_NAME, read_weights, weight_file_names
 
 PICKLE_SUFFIXES = (".bin", ".pth", ".pt", ".ckpt")
 HF_PICKLE_NAME = "pytorch_model.bin"
@@ -50,18 +49,11 @@ def read_hf_folder(folder: Path) -> SourceWeights:
     """The weights of a Hugging Face `save_pretrained` folder: safetensors (single or sharded) or pytorch_model.bin."""
     if not folder.is_dir():
         raise CheckpointError(f"{folder} is not a folder; this source type takes the original Hugging Face folder")
-    if (folder / WEIGHTS_NAME).is_file() or (folder / INDEX_NAME).is_file():
-        files = [folder / WEIGHTS_NAME] if (folder / WEIGHTS_NAME).is_file() else sorted(folder.glob("model-*-of-*.safetensors"))
-        return SourceWeights(read_weights(folder), files)
-    index = folder / HF_PICKLE_INDEX
-    if index.is_file():
-        try:
-            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError) as error:
-            raise CheckpointError(f"{index} is not a valid weight index: {error}") from error
-    elif (folder / HF_PICKLE_NAME).is_file():
-        names = [HF_PICKLE_NAME]
-    else:
+    safetensors = weight_file_names(folder, INDEX_NAME, WEIGHTS_NAME)
+    if safetensors:
+        return SourceWeights(read_weights(folder), [folder / n for n in safetensors])
+    names = weight_file_names(folder, HF_PICKLE_INDEX, HF_PICKLE_NAME)
+    if not names:
         raise CheckpointError(f"{folder} has no weights: expected {WEIGHTS_NAME}, {INDEX_NAME} or {HF_PICKLE_NAME}")
     tensors = {}
     for name in names:

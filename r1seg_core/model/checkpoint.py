@@ -104,6 +104,17 @@ def _write_weights(state: dict, folder: Path, max_shard_bytes: int, save_file) -
                                                  "weight_map": weight_map}, indent=2))
 
 
+def weight_file_names(folder: Path, index_name: str, single_name: str) -> list[str]:
+    """The weight files of a folder: those its index lists (sharded), else its single file, else none."""
+    index = folder / index_name
+    if index.is_file():
+        try:
+            return sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError) as error:
+            raise CheckpointError(f"{index} is not a valid weight index: {error}") from error
+    return [single_name] if (folder / single_name).is_file() else []
+
+
 def read_weights(folder: Path, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """All tensors of a folder's safetensors file(s); a truncated or corrupt file is named in the error.
 
@@ -112,15 +123,8 @@ def read_weights(folder: Path, dtype: torch.dtype | None = None) -> dict[str, to
     """
     from safetensors import SafetensorError, safe_open
 
-    index = folder / INDEX_NAME
-    if index.is_file():
-        try:
-            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError) as error:
-            raise CheckpointError(f"{index} is not a valid safetensors index: {error}") from error
-    elif (folder / WEIGHTS_NAME).is_file():
-        files = [WEIGHTS_NAME]
-    else:
+    files = weight_file_names(folder, INDEX_NAME, WEIGHTS_NAME)
+    if not files:
         raise CheckpointError(f"{folder} has no weights: expected {WEIGHTS_NAME} or {INDEX_NAME}")
     state = {}
     for name in files:
@@ -173,7 +177,7 @@ def load_model(folder: Path, device="cpu", dtype: torch.dtype | None = None):
         raise CheckpointError(f"the tokenizer files in {folder} are missing or unreadable: {error}") from error
     # Built directly in the requested dtype, and without random initialisation: every weight is read from the
     # folder, and initialising a Phi-3-size model first costs over a minute on a CPU.
-    with _weight_init_skipped():
+    with weight_init_skipped():
         model = build_model(config, tokenizer=tokenizer, text_tokenizer=text_tokenizer, dtype=dtype)
     if model.config.token_ids != config.token_ids:
         raise CheckpointError(f"the tokenizer in {folder} gives token ids {model.config.token_ids} but config.json says "
@@ -194,7 +198,7 @@ def load_model(folder: Path, device="cpu", dtype: torch.dtype | None = None):
     return model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
 
 
-def _weight_init_skipped():
+def weight_init_skipped():
     """transformers' switch that makes torch's and its own weight initialisers no-ops (moved in transformers 5)."""
     try:
         from transformers.initialization import no_init_weights
