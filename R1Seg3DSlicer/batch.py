@@ -10,6 +10,9 @@ The answer text goes to stdout, progress to stderr, and `--answer-json` writes t
 target's segment name, volume and voxel count, the timings and the device. The segmentation file is
 written even when nothing was found (then it has no segments), so a pipeline always gets one.
 
+With `--server URL` (and `--token-file F`), a running `r1seg serve` answers instead, so many batch
+questions pay the model load once.
+
 Exit codes: 0 answered; 1 unexpected error (traceback on stderr); 2 bad arguments; 3 input missing,
 unreadable or unusable; 4 model folder or weights unusable; 5 inference failed; 6 output not written.
 """
@@ -61,6 +64,10 @@ def parse_arguments(argv):
     parser.add_argument("--overlap", type=float, default=None, help="sliding-window overlap (default: the model's)")
     parser.add_argument("--loops", type=int, default=None, help="mask refinement loops 0-3 (default: the model's)")
     parser.add_argument("--answer-json", type=Path, default=None, help="also write the answer as JSON here")
+    parser.add_argument("--server", default=None, metavar="URL",
+                        help="ask a running `r1seg serve` instead of loading the model here (then --model, --device "
+                             "and --dtype are the server's); many batch questions pay the model load once")
+    parser.add_argument("--token-file", default=None, help="with --server: file holding the server's token")
     return parser.parse_args(argv)
 
 
@@ -154,9 +161,18 @@ def run(arguments, predictor_factory=None, stdout=sys.stdout, stderr=sys.stderr)
     session = engine.R1SegSession(predictor_factory=predictor_factory)
     started = time.monotonic()
     try:
-        result, change, found = session.process(
-            volume_node, arguments.question, options, progress=_ProgressPrinter(stderr)
-        )
+        if arguments.server:
+            from r1seg_core.server.client import client_from_arguments
+            from R1Seg3DSlicerLib import server_client
+
+            client = client_from_arguments(arguments.server, arguments.token_file)
+            result = server_client.ask_blocking(client, session.volume_from_node(volume_node), arguments.question,
+                                                options, progress=_ProgressPrinter(stderr))
+            change, found = session.write_answer(volume_node, result)
+        else:
+            result, change, found = session.process(
+                volume_node, arguments.question, options, progress=_ProgressPrinter(stderr)
+            )
     except Exception as error:
         failure = _engine_failure(error)
         if failure is None:

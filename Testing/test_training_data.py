@@ -270,6 +270,33 @@ def test_crops_split_structures_into_present_and_absent(prepared_heart):
             assert crop.mask(name).sum() == 0
 
 
+def test_crop_targets_restrict_positives_but_keep_every_negative(prepared_heart):
+    case = prepared_heart.cases[0]          # heart and pulmonary artery
+    settings = CropSettings(foreground_ratio=1.0, targets=["heart"])
+    for seed in range(6):
+        crop = sample_crop(case, (32, 64, 64), settings, np.random.default_rng(seed))
+        assert set(crop.present) <= {"heart"}
+        # Centred on the heart, whatever else is in view.
+        assert crop.mask("heart").sum() > 0
+        if crop.mask("pulmonary artery").sum() == 0:
+            assert "pulmonary artery" in crop.absent
+
+
+def test_whole_volume_crops_resize_the_case_as_the_global_step_does(prepared_heart):
+    import torch
+
+    case = prepared_heart.cases[0]
+    window = (16, 48, 48)
+    crop = sample_crop(case, window, CropSettings(whole_volume_ratio=1.0), np.random.default_rng(0))
+    # Independent reference: torch's own trilinear resize (corners not aligned), as the predictor's global step.
+    expected = torch.nn.functional.interpolate(torch.from_numpy(np.asarray(case.image(), np.float32))[None, None],
+                                               size=window, mode="trilinear", align_corners=False)[0, 0].numpy()
+    np.testing.assert_allclose(crop.image, expected, atol=1e-5)
+    heart_fraction = (np.asarray(case.labels()) == case.structures[0].index).any(0).mean()
+    assert crop.mask(case.structures[0].name).mean() == pytest.approx(heart_fraction, rel=0.15)
+    assert set(crop.present) == {s.name for s in case.structures}
+
+
 def test_questions_use_the_answers_the_predictor_scores():
     rng = __import__("random").Random(0)
     settings = QuestionSettings(implicit_ratio=0.5, multi_target_ratio=0.5, max_targets=3)
@@ -313,8 +340,11 @@ def test_samples_are_reproducible_and_ranks_share_the_positive_negative_plan(pre
         assert item["answer"].count(SEG_TOKEN) == len(item["masks"]) and all(m.sum() > 0 for m in item["masks"])
 
 
-def test_recipes_load_and_refuse_unknown_settings(tmp_path):
-    for name in ("tiny", "paper-phi3", "paper-llama3"):
+def test_recipes_load_and_refuse_unknown_settings(tmp_path, monkeypatch):
+    # The paper recipes name their models and data through these; an unset one is an error (test_training_cluster).
+    monkeypatch.setenv("R1SEG_MODELS", str(tmp_path / "models"))
+    monkeypatch.setenv("R1SEG_DATA", str(tmp_path / "data"))
+    for name in ("tiny", "paper-phi3", "paper-llama3", "default-smollm2"):
         recipe = load_recipe(REPO / "training" / "recipes" / name)
         assert recipe.sam_config().language_model is None and recipe.sam_config().text_encoder is not None
         assert recipe.model_config().encoder == recipe.sam_config().encoder

@@ -116,7 +116,8 @@ def main() -> None:
         # A trained model stops after its answer ("The liver is [SEG]."); an untrained one never emits EOS, so the
         # baseline generates as many tokens as the longest answer template instead of the model's 48-token limit.
         config = predictor.model.config
-        config.max_answer_tokens = max(len(c) for c in predictor.answer_templates([t.name for t in fast.targets]))
+        templates = predictor.answer_templates([t.name for t in fast.targets])
+        config.max_answer_tokens = max(len(answer) for pair in templates for answer in pair)
         base_s, base = run(predictor, volume, args.question, overlap=args.overlap, window_batch=1,
                            answer_mode="generate", global_step="off")
         print(f"baseline (one window at a time, {config.max_answer_tokens} generated tokens per window, masks decoded in "

@@ -52,6 +52,8 @@ class LanguageModelConfig:
     hf_config: dict | None = None
     # A local Hugging Face folder with the base LLM (and its tokenizer); weights are read from there.
     path: str | None = None
+    # Or base weights shipped inside an installed Python package (model/packaged.py): module, file, sha256, install.
+    package: dict | None = None
     lora: LoraConfig = field(default_factory=LoraConfig)
 
 
@@ -60,6 +62,7 @@ class TextEncoderConfig:
     """Frozen text encoder of the SAM mode (stage 1 and the 'without reasoning' ablation)."""
     hf_config: dict | None = None
     path: str | None = None
+    package: dict | None = None          # as LanguageModelConfig.package
     prompt_template: str = "A computerized tomography of a {}."
 
 
@@ -130,7 +133,8 @@ class R1Seg3DConfig:
                 encoder=EncoderConfig(**_tuples(data.get("encoder", {}))),
                 decoder=DecoderConfig(**data.get("decoder", {})),
                 language_model=None if lm is None else LanguageModelConfig(
-                    hf_config=lm.get("hf_config"), path=lm.get("path"), lora=LoraConfig(**lm.get("lora", {}))),
+                    hf_config=lm.get("hf_config"), path=lm.get("path"), package=lm.get("package"),
+                    lora=LoraConfig(**lm.get("lora", {}))),
                 text_encoder=None if te is None else TextEncoderConfig(**te),
                 compatibility=CompatibilityConfig(**data.get("compatibility", {})),
                 loss=LossConfig(**data.get("loss", {})),

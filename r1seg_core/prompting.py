@@ -46,6 +46,15 @@ IMPLICIT_QUESTIONS = (
     "Find the structure described here: {description}",
     "{description} Can you locate and segment it in this CT?",
 )
+# Phrasings that training never uses: the evaluation asks with these, so a score measures unseen wording.
+HELD_OUT_EXPLICIT_QUESTIONS = (
+    "Highlight the {target} on this CT.",
+    "I need a segmentation of the {target}.",
+)
+HELD_OUT_IMPLICIT_QUESTIONS = (
+    "{description} Mark this structure on the scan.",
+    "Which structure matches this description? {description}",
+)
 EXISTENCE_QUESTIONS = (
     "Does this CT contain the {target}?",
     "Is the {target} visible in this scan?",
@@ -87,6 +96,21 @@ def negative_answer(targets: list[str]) -> str:
 
 
 _NAMED_SEG = re.compile(r"(?:the\s+)?([A-Za-z][\w\s\-]*?)\s+is\s+\[SEG\]", re.IGNORECASE)
+
+
+_NAMED_ABSENT = re.compile(r"there is no\s+([^.;!?]+)", re.IGNORECASE)
+_ARTICLE = re.compile(r"^(?:the|a|an)\s+", re.IGNORECASE)
+
+
+def targets_named_absent(answer: str) -> list[str]:
+    """The names an answer says are not there ("Sorry, there is no liver and spleen." -> liver, spleen)."""
+    names = []
+    for match in _NAMED_ABSENT.finditer(answer):
+        for part in re.split(r",\s*|\s+and\s+", match.group(1)):
+            part = _ARTICLE.sub("", part.strip()).lower()
+            if part:
+                names.append(part)
+    return names
 
 
 def targets_named_in_answer(answer: str) -> list[str | None]:

@@ -316,6 +316,26 @@ def _why_not_hounsfield(low: float, high: float) -> str:
     return ""
 
 
+def resample_labels(labels: Volume, reference: Volume) -> np.ndarray:
+    """Integer labels moved onto `reference`'s grid by physical position, never by array index.
+
+    Nearest neighbour, so label values never blend; voxels of `reference` outside the labels' extent get 0.
+    Returns a uint16 (z, y, x) array of `reference`'s shape.
+    """
+    return resample_labels_to_grid(labels, reference.shape, reference.spacing, reference.origin, reference.direction)
+
+
+def resample_labels_to_grid(labels: Volume, shape_zyx, spacing_xyz, origin, direction) -> np.ndarray:
+    """`resample_labels` onto a grid given by its geometry (z, y, x shape; x, y, z spacing; LPS origin, direction)."""
+    grid = sitk.Image([int(n) for n in shape_zyx[::-1]], sitk.sitkUInt16)
+    grid.SetSpacing([float(s) for s in spacing_xyz])
+    grid.SetOrigin([float(o) for o in origin])
+    grid.SetDirection([float(d) for d in np.asarray(direction).ravel()])
+    source = labels.with_array(labels.array.astype(np.uint16, copy=False)).to_sitk()
+    resampled = sitk.Resample(source, grid, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt16)
+    return sitk.GetArrayFromImage(resampled)
+
+
 class _Segment(NamedTuple):
     value: int
     name: str

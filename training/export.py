@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from r1seg_core.errors import CheckpointError
+from r1seg_core.model.checkpoint import save_model
 
 from .recipe import Recipe, load_recipe
 from .run_layout import StagePaths
@@ -64,6 +65,13 @@ def load_trained_weights(model, checkpoints: Path, tag: str) -> None:
     model.load_state_dict(state, strict=False)
 
 
+def final_delta_rank(recipe: Recipe) -> int | None:
+    """A final model whose LLM base ships in a package is stored as that base plus what training changed: stages 3
+    and 4 each merged a LoRA of rank r into it, so the change has rank at most 2r. None: store the whole LLM."""
+    llm = recipe.model_config().language_model
+    return 2 * llm.lora.r if llm is not None and llm.package else None
+
+
 def export_stage(recipe: Recipe, paths: StagePaths, tag: str | None = None, destination: Path | None = None) -> Path:
     stage = paths.stage
     tag = tag or latest_tag(paths.checkpoints)
@@ -73,6 +81,8 @@ def export_stage(recipe: Recipe, paths: StagePaths, tag: str | None = None, dest
     load_trained_weights(model, paths.checkpoints, tag)
     if model.language_model is not None:
         model.language_model.merge_lora()
+        # The stage's model may come from a merged export; the base it was trained from is still the recipe's.
+        model.config.language_model.package = recipe.model_config().language_model.package
     sources = ", ".join(recipe.stages[stage].sources)
     model.config.card = {**model.config.card, "untrained": False,
                          "trained_on": f"{sources} with {recipe.folder.name} recipe, stages 1-{stage} "
@@ -80,7 +90,8 @@ def export_stage(recipe: Recipe, paths: StagePaths, tag: str | None = None, dest
     # Written beside the destination and renamed into place, so a folder that exists is complete.
     partial = destination.with_name(destination.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
-    model.to(torch.bfloat16 if recipe.bf16(stage) else torch.float32).save_pretrained(partial)
+    model.to(torch.bfloat16 if recipe.bf16(stage) else torch.float32)
+    save_model(model, partial, llm_delta_rank=final_delta_rank(recipe) if stage == 4 else None)
     shutil.rmtree(destination, ignore_errors=True)
     partial.rename(destination)
     return destination

@@ -10,7 +10,6 @@ Every key is checked, so a typo fails loudly instead of training with a default.
 from __future__ import annotations
 
 import json
-import os
 from copy import deepcopy
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -21,7 +20,7 @@ from r1seg_core.config import R1Seg3DConfig
 from r1seg_core.errors import InvalidInputError
 from r1seg_core.model.builder import preset_config
 
-from .data.cases import SourceSpec
+from .data.cases import SourceSpec, expand_variables
 
 STAGES = (1, 2, 3, 4)
 
@@ -31,6 +30,12 @@ class CropSettings:
     foreground_ratio: float = 2 / 3      # crops centred on a structure's voxel vs anywhere (2:1, the reference)
     present_min_voxels: int = 64         # a structure counts as present with this many voxels (or half of it) in a crop
     tries: int = 20                      # crops drawn before a sample's source is asked for another case
+    # Only these structures are centred on and asked for as targets (None: all); any annotated structure missing
+    # from a crop is still a safe negative. Keeps a few organs from drowning in dozens of muscles and ribs.
+    targets: list[str] | None = None
+    # Crops that are the whole case resized to one window, as the predictor's global step sees a CT (and as the
+    # original trained on whole CTs resized to 32x256x256).
+    whole_volume_ratio: float = 0.0
 
 
 @dataclass
@@ -74,6 +79,9 @@ class StageConfig:
     seed: int = 42
     num_workers: int = 2
     init_from: str | None = None         # stage 1 only: a model folder or encoder start point to begin from
+    embedding_rows: str = "all"          # "new": of the token embeddings and LM head, only the added tokens' rows train
+    autocast_bf16: bool = False          # bf16 autocast around the forward (CPUs with bf16 instructions); weights stay fp32
+    threads: int | None = None           # CPU threads per rank (default: the cores split between the ranks)
     crops: CropSettings = field(default_factory=CropSettings)
     augment: AugmentSettings = field(default_factory=AugmentSettings)
     questions: QuestionSettings = field(default_factory=QuestionSettings)
@@ -147,7 +155,7 @@ def _stage(path: Path, stage: int) -> StageConfig:
     for key, cls in (("crops", CropSettings), ("augment", AugmentSettings), ("questions", QuestionSettings)):
         values[key] = _build(cls, values.get(key) or {}, f"{path} [{key}]")
     if values.get("init_from"):
-        values["init_from"] = str((path.parent / os.path.expandvars(values["init_from"])).resolve())
+        values["init_from"] = str((path.parent / expand_variables(values["init_from"], str(path), "init_from")).resolve())
     if "adam_betas" in values:
         values["adam_betas"] = tuple(values["adam_betas"])
     config = _build(StageConfig, values, str(path))
@@ -158,10 +166,11 @@ def _stage(path: Path, stage: int) -> StageConfig:
     return config
 
 
-def _expand_paths(node):
+def _expand_paths(node, where: str, keys: str = ""):
     """Environment variables in path settings ($MODELS/Phi-3-mini...), so one recipe serves several clusters."""
     if isinstance(node, dict):
-        return {k: os.path.expandvars(v) if k == "path" and isinstance(v, str) else _expand_paths(v) for k, v in node.items()}
+        return {k: expand_variables(v, where, f"{keys}{k}") if k == "path" and isinstance(v, str)
+                else _expand_paths(v, where, f"{keys}{k}.") for k, v in node.items()}
     return node
 
 
@@ -169,7 +178,7 @@ def load_recipe(folder: Path | str) -> Recipe:
     folder = Path(folder).resolve()
     if not folder.is_dir():
         raise InvalidInputError(f"recipe folder {folder} does not exist")
-    model = _expand_paths(_read_yaml(folder / "model.yaml"))
+    model = _expand_paths(_read_yaml(folder / "model.yaml"), str(folder / "model.yaml"))
     unknown = set(model) - {"preset", "overrides", "sam_mode"}
     if unknown or "preset" not in model or "sam_mode" not in model:
         raise InvalidInputError(f"{folder / 'model.yaml'}: needs 'preset' and 'sam_mode' (and optional 'overrides'); "

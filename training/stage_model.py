@@ -48,7 +48,7 @@ def build_stage_model(stage: int, recipe: Recipe, init: Path | None, dtype: torc
     else:
         model = R1Seg3D.from_pretrained(_required(init, stage), dtype=dtype)
         model.language_model.enable_lora(model.config.language_model.lora)
-    set_trainable(model, stage)
+    set_trainable(model, stage, recipe.stages[stage].embedding_rows)
     return model
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from r1seg_core.errors import InvalidInputError
+from r1seg_core.model.stages import trained_rows
 
 from .data.prepared import open_source
 from .data.samples import Collate, StageSamples, StepBatches
@@ -37,9 +38,11 @@ LOSS_KEYS = ("loss", "loss_lm", "loss_dice", "loss_bce")
 
 def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """Weight decay on weight matrices only; biases and norm scales are left alone (as the paper's HF Trainer did)."""
-    trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    return [{"params": [p for _, p in trained if p.ndim >= 2], "weight_decay": weight_decay},
-            {"params": [p for _, p in trained if p.ndim < 2], "weight_decay": 0.0}]
+    trained = [p for p in model.parameters() if p.requires_grad]
+    # A matrix that trains only some rows (new token embeddings) must not decay: its other rows would shrink.
+    decayed = [p for p in trained if p.ndim >= 2 and trained_rows(p) is None]
+    return [{"params": decayed, "weight_decay": weight_decay},
+            {"params": [p for p in trained if not any(p is d for d in decayed)], "weight_decay": 0.0}]
 
 
 def samples_per_epoch(config: StageConfig, sources) -> int:
@@ -113,6 +116,8 @@ def set_up(stage: int, recipe: Recipe, paths: StagePaths, data_dir: Path, ranks:
     from transformers import get_cosine_schedule_with_warmup
 
     config = recipe.stages[stage]
+    if config.threads:
+        torch.set_num_threads(config.threads)
     model = build_stage_model(stage, recipe, paths.init, torch.bfloat16 if recipe.bf16(stage) else None)
     fingerprint = frozen_fingerprint(model)
     if config.gradient_checkpointing:
@@ -160,7 +165,8 @@ def train(run: StageRun, config: StageConfig, paths: StagePaths, ranks: Ranks) -
         totals = torch.zeros(len(LOSS_KEYS), dtype=torch.float64, device=ranks.device)
         for _ in range(config.gradient_accumulation):
             batch = to_device(next(batches), ranks.device, dtype)
-            losses, masks = stage_losses(module, batch, stage)
+            with torch.autocast(ranks.device.type, dtype=torch.bfloat16, enabled=config.autocast_bf16):
+                losses, masks = stage_losses(module, batch, stage)
             if stage >= 3:
                 require_same_on_all_ranks(int(masks > 0), ranks.device, "whether the mask decoder runs")
             run.engine.backward(losses["loss"])

@@ -28,12 +28,15 @@ Undo
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 import numpy as np
 import vtk
 from vtk.util import numpy_support
 
 import slicer
+
+from .terminology import CONTEXT_NAME, TERMINOLOGY_FILE
 
 # Flips the first two world axes: RAS <-> LPS (its own inverse).
 _RAS_FROM_LPS = np.diag([-1.0, -1.0, 1.0])
@@ -43,10 +46,10 @@ _RAS_FROM_LPS = np.diag([-1.0, -1.0, 1.0])
 SEGMENTATION_REFERENCE_ROLE = "R1Seg3DSegmentation"
 SEGMENTATION_NAME_SUFFIX = " R1Seg3D"
 
-# Slicer 5.x terminology contexts used when serialising an entry; the codes themselves are SNOMED CT
-# and come from the project vocabulary, so the context names only tell Slicer where to look for
-# display names and do not need to contain the codes.
-TERMINOLOGY_CONTEXT = "Segmentation category and type - DICOM master list"
+# The segmentation context of Resources/R1Seg3D.term.json, which holds every code of the project vocabulary
+# (half of them are in neither of Slicer's built-in contexts). The anatomic region stays empty, so the
+# anatomic context is Slicer's default one.
+TERMINOLOGY_CONTEXT = CONTEXT_NAME
 ANATOMIC_CONTEXT = "Anatomic codes - DICOM master list"
 
 # A segment that the vocabulary does not know gets this colour (Slicer's own "unknown" grey is
@@ -281,6 +284,41 @@ def terminology_entry_string(terminology: SegmentTerminology) -> str:
     )
 
 
+class R1Seg3DTerminology:
+    """The R1Seg3D context loaded into a Terminologies module logic, which turns a structure's codes into
+    the entry string Slicer stores and the colour the context recommends."""
+
+    def __init__(self, logic, path=TERMINOLOGY_FILE):
+        if logic.LoadTerminologyFromFile(str(path)) != TERMINOLOGY_CONTEXT:
+            raise RuntimeError(f"Slicer could not load the R1Seg3D terminology from {path}.")
+        self.logic = logic
+
+    def style(self, terminology: SegmentTerminology):
+        """(entry string, colour) for these codes, or None when the R1Seg3D context does not hold them."""
+        entry = slicer.vtkSlicerTerminologyEntry()
+        if not (
+            self.logic.DeserializeTerminologyEntry(terminology_entry_string(terminology), entry)
+            and self.logic.UpdateEntryFromLoadedTerminologies(entry, [TERMINOLOGY_CONTEXT], [])
+        ):
+            return None
+        # Parsing the string fills only the codes; a label shows that the context has the entry, with its colour.
+        coded = entry.GetTypeModifierObject() if terminology.type_modifier is not None else entry.GetTypeObject()
+        if not coded.GetSlicerLabel():
+            return None
+        color = tuple(int(channel) for channel in coded.GetRecommendedDisplayRGBValue())
+        return self.logic.SerializeTerminologyEntry(entry), color
+
+
+@lru_cache(maxsize=1)
+def r1seg3d_terminology() -> R1Seg3DTerminology:
+    """The R1Seg3D context, loaded once into Slicer's Terminologies logic (headless: a logic of its own)."""
+    try:
+        logic = slicer.modules.terminologies.logic()
+    except AttributeError:  # no application (slicer-core, batch.py under plain Python)
+        logic = slicer.vtkSlicerTerminologiesModuleLogic()
+    return R1Seg3DTerminology(logic)
+
+
 # --------------------------------------------------------------------------------------------
 # Segmentation node for a volume
 # --------------------------------------------------------------------------------------------
@@ -389,8 +427,12 @@ def write_segments(volume_node, segments, segmentation_node=None) -> SceneChange
     segment_names = []
     for spec in segments:
         name = unique_segment_name(segmentation, spec.name)
-        color = [channel / 255.0 for channel in spec.color]
-        segment_id = segmentation.AddEmptySegment("", name, color)
+        entry, color = None, spec.color
+        if spec.terminology is not None:
+            # Codes outside the R1Seg3D context (another model's vocabulary) are stored as given.
+            entry, color = r1seg3d_terminology().style(spec.terminology) or (
+                terminology_entry_string(spec.terminology), spec.color)
+        segment_id = segmentation.AddEmptySegment("", name, [channel / 255.0 for channel in color])
         if not segment_id:
             raise RuntimeError(f"Slicer could not add segment '{name}'.")
         labelmap = _oriented_image_on_volume_grid(volume_node, spec.mask)
@@ -399,8 +441,8 @@ def write_segments(volume_node, segments, segmentation_node=None) -> SceneChange
         ):
             segmentation.RemoveSegment(segment_id)
             raise RuntimeError(f"Slicer could not import the mask of segment '{name}'.")
-        if spec.terminology is not None:
-            segmentation.GetSegment(segment_id).SetTerminology(terminology_entry_string(spec.terminology))
+        if entry is not None:
+            segmentation.GetSegment(segment_id).SetTerminology(entry)
         segment_ids.append(segment_id)
         segment_names.append(name)
 

@@ -14,11 +14,9 @@ from pathlib import Path
 import torch
 
 from ..errors import InvalidInputError
-from ..model.r1seg3d import R1Seg3D, SegmentationOutput, bce_loss, dice_loss
+from ..model.r1seg3d import NO_SEG_LOGIT, R1Seg3D, SegmentationOutput, bce_loss, dice_loss
 
 UNMERGED_PREFIX = "unmerged_"
-# The logits the original returns when no [SEG] was generated anywhere in the batch.
-NO_SEG_LOGIT = -1000.0
 # The original allowed two tokens beyond the forced ones (greedy decoding after them).
 EXTRA_GENERATION_TOKENS = 2
 _CASE_NAME = re.compile(r"^(g\d+)_output_ids$")
@@ -156,18 +154,6 @@ def generate_with_forced_tokens(model: R1Seg3D, image_tokens: torch.Tensor, prom
             "output_ids": torch.tensor([generated], device=prompt_ids.device), "steps": steps}
 
 
-def generated_seg_positions(model: R1Seg3D, prompt_length: int, sequence_ids: torch.Tensor) -> list[int]:
-    """Positions (in prompt + generated states) whose states become [SEG] prompts, for a [SEG] in the answer only.
-
-    The original looked for [SEG] only among the tokens whose state it had kept from decoding, so a [SEG]
-    emitted as the very first token was never seen; `first_generated_seg_visible` restores it.
-    """
-    token_positions = torch.nonzero(sequence_ids[0] == model.token_ids["seg"]).flatten().tolist()
-    state_positions = model.seg_positions(sequence_ids)[0]
-    first_seen = prompt_length if model.config.compatibility.first_generated_seg_visible else prompt_length + 1
-    return [state for token, state in zip(token_positions, state_positions) if token >= first_seen]
-
-
 def run_generation_cases(model: R1Seg3D, inputs: dict) -> dict:
     """Every `gN` case of the input file: the stored output ids are the tokens the original forced."""
     cases = sorted((m.group(1) for m in map(_CASE_NAME.match, inputs) if m), key=lambda name: int(name[1:]))
@@ -186,17 +172,16 @@ def run_generation_cases(model: R1Seg3D, inputs: dict) -> dict:
         out[f"{case}_prefill_last_logits"] = generation["prefill_last_logits"]
         out[f"{case}_step_last_hidden"] = generation["steps"][:, :output_ids.shape[1] - 1]
         states = torch.cat([generation["prefill"], generation["steps"]], dim=1)
-        sequence = torch.cat([prompt_ids, output_ids], dim=1)
-        positions = generated_seg_positions(model, prompt_ids.shape[1], sequence)
-        if not positions:
+        # The final eos was never fed back, so it has no state; no [SEG] rule reads one there.
+        sequence = torch.cat([prompt_ids, output_ids], dim=1)[:, :states.shape[1]]
+        found = model.seg_prompts(sequence, states, answer_start=prompt_ids.shape[1])
+        if not found.rows:
             logits = images.new_full((1, 1, *model.window_size), NO_SEG_LOGIT)
         else:
-            seg_hidden, rows = model.gather_seg_states(states, [positions])
-            seg_prompt = model.segment_projector(seg_hidden)
             traces: list[dict] = []
-            segmentation = model.decode_masks(image_tokens.expand(len(rows), -1, -1), seg_prompt, traces=traces)
+            segmentation = model.decode_masks(image_tokens.expand(len(found.rows), -1, -1), found.prompts, traces=traces)
             logits = segmentation.logits
-            out.update({f"{case}_seg_hidden": seg_hidden, f"{case}_seg_prompt": seg_prompt})
+            out.update({f"{case}_seg_hidden": found.hidden, f"{case}_seg_prompt": found.prompts})
             out.update({f"{case}_pass{k}_lowres": low for k, low in enumerate(segmentation.low_res_passes)})
         out[f"{case}_mask_logits"] = logits
         out[f"{case}_all_minus_1000"] = torch.tensor(bool((logits == NO_SEG_LOGIT).all()))

@@ -21,8 +21,8 @@ from ..model.image_encoder import ImageEncoder3D
 from ..prompting import IMAGE_TOKEN, SEG_TOKEN
 from .keymaps import LORA, MERGED, PEFT_PREFIX, SAM, SEGVOL_VIT, SOURCE_KINDS, KeyMapping, detect_layout, llm_family, \
     lora_target_modules, map_keys
-from .original_config import (ORIGINAL_COMMIT, ORIGINAL_REPOSITORY, RELEASES, SEGVOL_REPOSITORY, apply_config_file,
-                              apply_original_hf_config, family_of, published_config, read_json)
+from .original_config import (ORIGINAL_COMMIT, ORIGINAL_REPOSITORY, ORIGINAL_SOURCE_URL, RELEASES, SEGVOL_REPOSITORY,
+                              apply_config_file, apply_original_hf_config, family_of, published_config, read_json)
 from .reading import SourceWeights, read_hf_folder, read_weight_file
 from .segvol import ENCODER_PREFIX, write_encoder_start_point
 
@@ -255,10 +255,12 @@ def _card(kind: str, weights: SourceWeights, mapping: KeyMapping, family: str | 
         description = ("Runs with the original behaviour by default: visual tokens after BOS, several [SEG] averaged into "
                        f"one mask, a [SEG] generated as the first token not seen, {refine_loops} refinement loops. Change "
                        "`compatibility` in config.json for this project's behaviour (visual tokens by id, one mask per "
-                       "[SEG], first [SEG] seen).")
+                       "[SEG], first [SEG] seen). `r1seg ask` runs it with the `original` inference profile (the "
+                       "original's preprocessing, window fusion and generated answers); the tensors match the original "
+                       "code, the authors' reported numbers were not reproduced here.")
     name = {SAM: "R1Seg-3D-SAM (stage 1)", MERGED: "R1Seg-3D", LORA: "R1Seg-3D (stage 3/4 LoRA checkpoint)"}[kind]
     return dict(name=f"{name}, converted", description=description,
-                source=f"https://github.com/{ORIGINAL_REPOSITORY}", source_commit=ORIGINAL_COMMIT, release=release,
+                source=ORIGINAL_SOURCE_URL, source_commit=ORIGINAL_COMMIT, release=release,
                 licence=f"none stated: {ORIGINAL_REPOSITORY} has no LICENSE file; ask the authors before redistributing",
                 **common)
 

@@ -17,6 +17,8 @@ from ..model.builder import LLAMA31_8B, PHI3_MINI
 from .keymaps import LORA, MERGED, SAM, SEGVOL_VIT
 
 ORIGINAL_REPOSITORY = "lihaoqin168/R1Seg-3D"
+# A converted model's card["source"]; the predictor picks the `original` inference profile for folders that carry it.
+ORIGINAL_SOURCE_URL = f"https://github.com/{ORIGINAL_REPOSITORY}"
 # The key layout and behaviour reproduced here are those of this commit (the model code is unchanged at HEAD 2974945).
 ORIGINAL_COMMIT = "a91c959"
 SEGVOL_REPOSITORY = "BAAI-DCAI/SegVol"

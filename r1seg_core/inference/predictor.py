@@ -1,9 +1,18 @@
-"""Predictor.ask: a CT and a question in, the answer and one mask per target on the CT's own grid out.
+"""Predictor.ask: a CT and a question in, the model's answer and one mask per target on the CT's own grid out.
 
-The path of one question: Volume -> canonical grid (preprocess) -> windows -> R1Seg3D per window (encoder ->
-projector -> LLM answer and [SEG] states -> segment projector -> decoder, n loops) -> Gaussian blending ->
-back to the input grid -> AnswerResult. Windows go through every stage in batches; the answer is scored
-against the model's answer templates (teacher forcing) or generated greedily, never sampled.
+The path of one question:
+1. the global step: the whole CT resized to one window, and the model's own answer to the question as written,
+   generated greedily; the structures it names ("The pancreas is [SEG].", "Sorry, there is no spleen.") are the
+   targets. Only when it names none (or the step is off) are the question's words matched against the vocabulary,
+   then the conversation's last targets, and the notes say so;
+2. the windows (or one window of the whole CT, `sliding_window=False`): the question as written again, each target's
+   two answers ("The pancreas is [SEG]." / "Sorry, there is no pancreas.") scored on one shared prefill, or the
+   answer generated; each [SEG] becomes a decoder prompt through the model's [SEG] rule (`R1Seg3D.seg_prompts`);
+3. fusion per target (the profile's: Gaussian-weighted probabilities, or the original's constant mean of logits
+   with a -1000 veto), back to the input grid, and the answer: the model's text, each [SEG] shown as its segment's
+   name, the measured volumes, and a plain sentence where the windows disagree with the global answer.
+A text-prompted (SAM-mode) model skips the reasoning: it segments every named target, the paper's "without
+reasoning" baseline. Windows go through every stage in batches.
 """
 from __future__ import annotations
 
@@ -12,61 +21,78 @@ import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 
 from ..errors import CancelledError, InvalidInputError, OutOfMemoryError
-from ..preprocess import ModelGrid, PreprocessConfig, input_grid_tensor, model_space_tensor, resize_to_window
-from ..prompting import (PER_TARGET_QUESTION, POSITIVE_ANSWER, answer_ids, negative_answer, positive_answer, prompt_ids,
-                         targets_named_in_answer, validate_question)
+from ..model.r1seg3d import NO_SEG_LOGIT
+from ..preprocess import (PreprocessConfig, input_grid_tensor, model_space_tensor, resize_from_window,
+                          resize_to_window)
+from ..prompting import (POSITIVE_ANSWER, SEG_TOKEN, answer_ids, negative_answer, positive_answer, prompt_ids,
+                         targets_named_absent, targets_named_in_answer, validate_question)
 from ..volume import Volume, read_volume, validate_ct
-from .answers import WindowAnswers, greedy_decode, score_candidates
+from .answers import TopP, WindowAnswers, generate, score_candidates
 from .conversation import Conversation
+from .profiles import PROJECT, foreground_box, original_intensities, resolve_profile
 from .result import AnswerResult, TargetResult
 from .windows import WindowStitcher, extract_windows, gaussian_importance_map, pad_to_roi, window_region, window_starts
 
-ANSWER_MODES = ("constrained", "generate")
+ANSWER_MODES = ("constrained", "generate", "sample")
 GLOBAL_STEP_MODES = ("off", "answer", "skip")
 UNNAMED_TARGET = "target"
 # A window is skipped by the global step when the coarse whole-CT mask has no voxel above this in it.
 SKIP_THRESHOLD = 0.1
 # Encoder outputs kept for follow-up questions about the same CT (126 Phi-3-size windows take about 0.6 GB).
 WINDOW_CACHE_BYTES = 2 * 1024 ** 3
+WHOLE_CT = (0, 0, 0)
 
 
 @dataclass
 class AskOptions:
-    overlap: float = 0.25
+    overlap: float | None = None          # None: the profile's (project 0.25, original 0.5)
     loops: int | None = None              # None: the checkpoint's refine_loops
     window_batch: int | None = None       # None: 16 on a GPU, 4 on the CPU
-    answer_mode: str = "constrained"
+    answer_mode: str | None = None        # None: the profile's (project: constrained, original: generate)
     global_step: str = "answer"
+    sliding_window: bool = True           # False: the whole CT resized to one window (the paper's Fig. 4)
+    seed: int = 0                         # answer_mode "sample": the seed of the top-p sampling
     keep_probability: bool = False
     threshold: float = 0.5
 
     def validate(self) -> "AskOptions":
-        if not 0.0 <= self.overlap < 1.0:
+        if self.overlap is not None and not 0.0 <= self.overlap < 1.0:
             raise InvalidInputError(f"window overlap must be in [0, 1); got {self.overlap}")
         if self.loops is not None and not 0 <= self.loops <= 3:
             raise InvalidInputError(f"refinement loops must be between 0 and 3; got {self.loops}")
         if self.window_batch is not None and self.window_batch < 1:
             raise InvalidInputError(f"window batch must be at least 1; got {self.window_batch}")
-        if self.answer_mode not in ANSWER_MODES:
+        if self.answer_mode is not None and self.answer_mode not in ANSWER_MODES:
             raise InvalidInputError(f"answer mode must be one of {ANSWER_MODES}; got {self.answer_mode!r}")
         if self.global_step not in GLOBAL_STEP_MODES:
             raise InvalidInputError(f"global step must be one of {GLOBAL_STEP_MODES}; got {self.global_step!r}")
+        if not isinstance(self.sliding_window, bool):
+            raise InvalidInputError(f"sliding_window must be True or False; got {self.sliding_window!r}")
         return self
 
 
 @dataclass
-class CTCache:
-    """What the predictor keeps about the CT it last answered a question on."""
-    key: bytes
-    grid: ModelGrid | None = None                    # the canonical grid the CT was resampled to
-    padded: tuple | None = None                      # (its voxels there padded to a window, on the device; crop back)
+class View:
+    """One way of showing a CT to the model: the volume windows are cut from, and the way back to the CT's grid."""
+    padded: torch.Tensor                             # (D, H, W) on the model's device, in its dtype
+    crop: tuple                                      # the part of `padded` that holds the CT
+    back: Callable[[torch.Tensor], torch.Tensor]     # fused values on padded[crop] -> values on the input grid
+    sliding: bool
     windows: dict = field(default_factory=dict)      # window start -> (encoder tokens, visual tokens)
     whole_ct: tuple | None = None                    # the global step's (encoder tokens, visual tokens)
+
+
+@dataclass
+class CTCache:
+    """What the predictor keeps about the CT it last answered a question on: one View per (profile, sliding)."""
+    key: bytes
+    views: dict = field(default_factory=dict)
 
 
 def volume_fingerprint(volume: Volume) -> bytes:
@@ -82,11 +108,11 @@ def volume_fingerprint(volume: Volume) -> bytes:
 
 
 @dataclass
-class Query:
-    """One text the LLM answers per window, and which targets its [SEG] tokens stand for."""
-    prompt: list[int]
-    candidates: list[list[int]]
-    target_indices: list[int]
+class Targets:
+    """What one question is about, and what the global answer said of each target."""
+    names: list[str]
+    said: dict[str, bool]                 # name -> the global answer had a [SEG] for it (True) or said "no" (False)
+    seg_names: list[str]                  # the segment each [SEG] of the global answer stands for, in order
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -99,14 +125,6 @@ CPU_OUT_OF_MEMORY_SIGNS = ("can't allocate memory", "Failed to allocate memory")
 def is_out_of_memory(error: BaseException) -> bool:
     return isinstance(error, (torch.OutOfMemoryError, MemoryError)) or (
         isinstance(error, RuntimeError) and any(sign in str(error) for sign in CPU_OUT_OF_MEMORY_SIGNS))
-
-
-@dataclass
-class WindowMasks:
-    """A chunk's decoded masks for one query: row in the chunk, owning target, and probability map of each."""
-    rows: list[int]
-    owners: list[int]
-    probabilities: torch.Tensor | None
 
 
 def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
@@ -150,9 +168,14 @@ class Timings(dict):
 
 
 class Predictor:
-    """Loads a model once and answers many questions about many CTs."""
+    """Loads a model once and answers many questions about many CTs.
 
-    def __init__(self, model_dir: str | Path | None = None, device: str = "auto", model=None, dtype: str | torch.dtype = "auto"):
+    `profile`: "project", "original" (the published code's preprocessing, fusion and answers) or "auto", which is
+    "original" for folders converted from the published weights. Text-prompted (SAM-mode) models are accepted.
+    """
+
+    def __init__(self, model_dir: str | Path | None = None, device: str = "auto", model=None,
+                 dtype: str | torch.dtype = "auto", profile: str = "auto"):
         from .. import default_model_path
         from ..model import R1Seg3D
         from ..vocabulary import load_vocabulary
@@ -172,8 +195,7 @@ class Predictor:
                                        + ("; bfloat16 precision (--dtype bfloat16) halves what it needs" if self.dtype == torch.float32 else "")) from error
         else:
             self.model_dir = None
-        if model.language_model is None:
-            raise InvalidInputError("this model has no language model (SAM mode); the predictor answers questions with R1Seg3D models")
+        self.profile = resolve_profile(profile, model.config.card)
         self.model = model.to(self.device, self.dtype).eval()
         self.preprocess = PreprocessConfig.from_dict(model.config.preprocess)
         self.vocabulary = load_vocabulary()
@@ -182,6 +204,15 @@ class Predictor:
     @property
     def is_placeholder(self) -> bool:
         return bool(self.model.config.card.get("untrained"))
+
+    @property
+    def max_new_tokens(self) -> int:
+        return self.profile.max_new_tokens or self.model.config.max_answer_tokens
+
+    @property
+    def text_prompted(self) -> bool:
+        """A SAM-mode model: prompted by target names through its text encoder, no LLM, no reasoning."""
+        return self.model.language_model is None
 
     # ---- public API ----------------------------------------------------------------------------------------
 
@@ -199,117 +230,194 @@ class Predictor:
     def _ask(self, volume, question, conversation, progress, cancel, options) -> AnswerResult:
         # None means "the default", so callers (the Slicer panel, the CLI) can pass unset fields through.
         opts = AskOptions(**{k: v for k, v in options.items() if v is not None}).validate()
+        overlap = self.profile.overlap if opts.overlap is None else opts.overlap
+        answer_mode = opts.answer_mode or self.profile.answer_mode
         timings = Timings(self.device)
         with timings("read"):
             if not isinstance(volume, Volume):
                 volume = read_volume(volume)
         question = validate_question(question)
-        targets = self._targets_in(question, conversation)
         with timings("cache_lookup"):
             cache = self._cache_for(volume)    # also checks a CT it has not seen yet
-        roi = self.model.window_size
         with timings("resample"):
-            if cache.padded is None:
-                # On the model's device in its dtype, once per CT: windows are cut there, not copied per chunk.
-                image, cache.grid = model_space_tensor(volume, self.preprocess, self.device, self.resample_on_device)
-                cache.padded = pad_to_roi(image.to(self.dtype), roi, value=0.0)
-            padded, crop = cache.padded
-            grid = cache.grid
+            view = self._view(volume, cache, opts.sliding_window)
         notes = ["the model is an untrained placeholder: its masks are not meaningful"] if self.is_placeholder else []
+        if self.profile.name != PROJECT:
+            notes.append(f"inference profile '{self.profile.name}': the published code's preprocessing, window fusion "
+                         "and per-window generated answers")
         history = conversation.history_text() if conversation else ""
 
         model_text, coarse = "", None
-        if opts.global_step != "off":
-            model_text, coarse = self._global_step(padded, crop, question, history, targets, opts, timings)
-            if not targets:
+        if self.text_prompted:
+            targets = self._targets_from_words(question, conversation, notes)
+            if not targets.names:
+                raise InvalidInputError("this text-prompted model (SAM mode) segments a named structure and does not "
+                                        "reason: name one, e.g. 'segment the liver'")
+            notes.append("text-prompted model (SAM mode, the paper's 'without reasoning' baseline): it segments every "
+                         "named target and never judges whether it is there")
+        else:
+            if opts.global_step != "off":
+                model_text, coarse = self._global_step(view, question, history, opts, timings)
                 targets = self._targets_in_answer(model_text)
-        queries = self._queries(question, history, targets)
-        starts = window_starts(padded.shape, roi, opts.overlap)
+            else:
+                targets = Targets([], {}, [])
+                notes.append("global step off: no whole-CT answer")
+            if not targets.names:
+                targets = self._targets_from_words(question, conversation, notes, targets if model_text else None)
+            if self.model.config.compatibility.average_seg_states and len(targets.names) > 1:
+                # The original's rule: several [SEG] states are averaged into one prompt, so one mask answers them all.
+                joined = " and ".join(targets.names)
+                notes.append(f"this model averages several [SEG] into one mask (the original's rule): one segment, {joined!r}")
+                targets = Targets([joined], {joined: any(targets.said.values())} if targets.said else {}, [joined])
+        names = targets.names or [UNNAMED_TARGET]
+
+        roi = self.model.window_size
+        starts = window_starts(view.padded.shape, roi, overlap) if view.sliding else [WHOLE_CT]
         skipped = self._far_windows(starts, coarse, roi) if opts.global_step == "skip" else set()
-        names = targets or [UNNAMED_TARGET]
-        importance = gaussian_importance_map(roi, device=self.device)
-        stitchers = [WindowStitcher(padded.shape, roi, importance, device=self.device) for _ in names]
+        constant = self.profile.fusion == "constant"
+        importance = torch.ones(roi, device=self.device) if constant else gaussian_importance_map(roi, device=self.device)
+        background = NO_SEG_LOGIT if constant else 0.0
+        stitchers = [WindowStitcher(view.padded.shape, roi, importance, device=self.device, background=background)
+                     for _ in names]
         positives = [0] * len(names)
         active = [s for s in starts if s not in skipped]
         for stitcher in stitchers:
             stitcher.add_background([s for s in starts if s in skipped])
-        self._run_windows(padded, active, queries, opts, stitchers, positives, timings, notes, progress, cancel, len(starts))
+        ask = self._window_asker(question, history, names, answer_mode, opts)
+        self._run_windows(view, active, ask, opts, stitchers, positives, timings, notes, progress, cancel, len(starts))
 
         results = []
         with timings("resample_back"):
             for name, stitcher, count in zip(names, stitchers, positives):
-                on_input = input_grid_tensor(stitcher.result()[crop], grid, volume, self.resample_on_device)
-                mask = (on_input >= opts.threshold).to(torch.uint8).cpu().numpy()   # a quarter of the probabilities' bytes
-                probability = on_input.cpu().numpy() if opts.keep_probability else None
+                on_input = view.back(stitcher.result()[view.crop])
+                probability = torch.sigmoid(on_input) if constant else on_input
+                mask = (probability >= opts.threshold).to(torch.uint8).cpu().numpy()   # a quarter of the probabilities' bytes
+                kept = probability.cpu().numpy() if opts.keep_probability else None
                 voxels = int(mask.sum())
-                results.append(TargetResult(name, mask, probability, voxels * volume.voxel_volume_ml, voxels, count))
-        answer = compose_answer(results, named=bool(targets))
-        result = AnswerResult(question, answer, results, dict(timings), notes, str(self.device), model_text, len(starts))
+                results.append(TargetResult(name, mask, kept, voxels * volume.voxel_volume_ml, voxels, count))
+        if self.text_prompted:
+            answer = compose_text_prompted_answer(results)
+        else:
+            answer = compose_answer(model_text, results, targets, len(starts))
+        result = AnswerResult(question, answer, results, dict(timings), notes, str(self.device), model_text, len(starts),
+                              self.profile.name)
         if conversation is not None:
-            conversation.add(question, answer, [t.name for t in results if t.present] or targets)
+            # The model reads its own words back in the history, not the volumes appended for the user.
+            conversation.add(question, model_text or answer, [t.name for t in results if t.present] or targets.names)
         return result
 
-    # ---- targets and queries -------------------------------------------------------------------------------
+    # ---- targets -------------------------------------------------------------------------------------------
 
-    def _targets_in(self, question: str, conversation: Conversation | None) -> list[str]:
+    def _canonical(self, name: str | None) -> str | None:
+        structure = self.vocabulary.lookup(name) if name else None
+        return structure.name if structure is not None else None
+
+    def _targets_in_answer(self, text: str) -> Targets:
+        """The structures the model's answer names: before a [SEG] (found) or after "there is no" (not there)."""
+        said: dict[str, bool] = {}
+        seg_names = []
+        for name in targets_named_in_answer(text):
+            canonical = self._canonical(name)
+            seg_names.append(canonical)
+            if canonical is not None:
+                said[canonical] = True
+        for name in targets_named_absent(text):
+            canonical = self._canonical(name)
+            if canonical is not None:
+                said.setdefault(canonical, False)
+        return Targets(list(said), said, seg_names)
+
+    def _targets_from_words(self, question: str, conversation, notes: list[str], spoken: Targets | None = None) -> Targets:
+        """The fallback: structure names in the question, else the conversation's last targets.
+
+        `spoken`, the global answer's reading when there was one, still says whether the target is there: an unnamed
+        [SEG] ("It is [SEG].") says yes, an answer without [SEG] says no.
+        """
         names = [s.name for s in self.vocabulary.find_in_text(question)]
+        how = "the structure names in the question (keyword match)"
         if not names and conversation is not None:
             names = conversation.last_targets()
-        return names
+            how = "the previous turn's targets"
+        if not self.text_prompted and names:
+            notes.append(f"the model's answer named no target{'' if spoken is not None else ' (no whole-CT answer)'}: "
+                         f"the targets are {how}")
+        if spoken is None:
+            return Targets(names, {}, [])
+        seg_names = [names[k] if k < len(names) else UNNAMED_TARGET for k in range(len(spoken.seg_names))]
+        return Targets(names, {name: bool(spoken.seg_names) for name in names}, seg_names)
 
-    def _targets_in_answer(self, text: str) -> list[str]:
-        names = []
-        for name in targets_named_in_answer(text):
-            structure = self.vocabulary.lookup(name) if name else None
-            if structure is not None and structure.name not in names:
-                names.append(structure.name)
-        return names
-
-    def _queries(self, question: str, history: str, targets: list[str]) -> list[Query]:
-        """One query for zero or one target (the user's own words); one explicit query per target otherwise."""
-        tokenizer, n = self.model.tokenizer, self.model.num_visual_tokens
-
-        def query(text: str, names: list[str], indices: list[int]) -> Query:
-            return Query(prompt_ids(tokenizer, text, n, history), self.answer_templates(names), indices)
-
-        if len(targets) <= 1:
-            return [query(question, targets, [0])]
-        return [query(PER_TARGET_QUESTION.format(target=name), [name], [i]) for i, name in enumerate(targets)]
-
-    def answer_templates(self, names: list[str]) -> list[list[int]]:
-        """The model's two answers to a question about `names`: found (one [SEG] each) or not there."""
+    def answer_templates(self, names: list[str]) -> list[list[list[int]]]:
+        """Per target, the model's two answers: found (one [SEG]) or not there; one pair for an unnamed target."""
         tokenizer, eos = self.model.tokenizer, self.model.token_ids["eos"]
-        positive = positive_answer(names) if names else POSITIVE_ANSWER
-        return [answer_ids(tokenizer, positive, eos), answer_ids(tokenizer, negative_answer(names), eos)]
+        if not names:
+            return [[answer_ids(tokenizer, POSITIVE_ANSWER, eos), answer_ids(tokenizer, negative_answer([]), eos)]]
+        return [[answer_ids(tokenizer, positive_answer([name]), eos), answer_ids(tokenizer, negative_answer([name]), eos)]
+                for name in names]
+
+    # ---- views of the CT -----------------------------------------------------------------------------------
+
+    def _view(self, volume: Volume, cache: CTCache, sliding: bool) -> View:
+        key = (self.profile.name, sliding)
+        if key in cache.views:
+            return cache.views[key]
+        roi = self.model.window_size
+        if self.profile.grid == "canonical":
+            # On the model's device in its dtype, once per CT: windows are cut there, not copied per chunk.
+            image, grid = model_space_tensor(volume, self.preprocess, self.device, self.resample_on_device)
+
+            def to_input(values):
+                return input_grid_tensor(values, grid, volume, self.resample_on_device)
+        else:
+            scaled = original_intensities(volume.array)
+            box = foreground_box(scaled)
+            image = torch.from_numpy(np.ascontiguousarray(scaled[box])).to(self.device)
+
+            def to_input(values):
+                # Outside the foreground box no window looked: the original's "no [SEG]" logits.
+                full = values.new_full(volume.shape, NO_SEG_LOGIT)
+                full[box] = values
+                return full
+        if sliding:
+            padded, crop = pad_to_roi(image.to(self.dtype), roi, value=0.0)
+            back = to_input
+        else:
+            shape = tuple(image.shape)
+            padded = resize_to_window(image, roi).to(self.dtype)
+            crop = tuple(slice(0, n) for n in roi)
+
+            def back(values):
+                return to_input(resize_from_window(values, shape))
+        cache.views[key] = View(padded, crop, back, sliding)
+        return cache.views[key]
 
     # ---- the global step -----------------------------------------------------------------------------------
 
+    def _whole_ct(self, view: View):
+        """Encoder and visual tokens of the whole CT in one window (without sliding, that window itself)."""
+        if not view.sliding:
+            return self._encoded_windows(view, [WHOLE_CT])
+        if view.whole_ct is None:
+            whole = resize_to_window(view.padded[view.crop], self.model.window_size).to(self.dtype)
+            tokens = self.model.encode_images(whole[None, None])
+            view.whole_ct = (tokens, self.model.projector(tokens))
+        return view.whole_ct
+
     @torch.no_grad()
-    def _global_step(self, padded, crop, question, history, targets, opts, timings):
-        """One pass over the whole CT resized to one window: the text answer and a coarse mask."""
+    def _global_step(self, view, question, history, opts, timings):
+        """One pass over the whole CT: the model's own answer to the question as written, and a coarse mask."""
         with timings("global_step"):
-            cache = self._ct_cache
-            if cache.whole_ct is None:
-                whole = resize_to_window(padded[crop], self.model.window_size).to(self.dtype)
-                tokens = self.model.encode_images(whole[None, None])
-                cache.whole_ct = (tokens, self.model.projector(tokens))
-            tokens, visual = cache.whole_ct
+            tokens, visual = self._whole_ct(view)
             prompt = prompt_ids(self.model.tokenizer, question, self.model.num_visual_tokens, history)
-            if targets and opts.answer_mode == "constrained":
-                # The question names its targets, so the answer is one of the templates: scored, not generated.
-                answers = score_candidates(self.model, visual, prompt, self.answer_templates(targets))
-            else:
-                answers = greedy_decode(self.model, visual, prompt, self.model.config.max_answer_tokens)
+            answers = generate(self.model, visual, prompt, self.max_new_tokens)
             text = self.model.tokenizer.decode(answers.token_ids[0], skip_special_tokens=False)
             text = text.replace(self.model.tokenizer.eos_token or "", "").strip()
             coarse = None
-            if opts.global_step == "skip" and len(answers.seg_states[0]):
-                seg = self.model.decode_masks(tokens.expand(len(answers.seg_states[0]), -1, -1),
-                                              self.model.segment_projector(answers.seg_states[0]), opts.loops)
+            if opts.global_step == "skip" and view.sliding and answers.prompts is not None:
+                seg = self.model.decode_masks(tokens.expand(len(answers.rows), -1, -1), answers.prompts, opts.loops)
                 probability = torch.sigmoid(seg.logits[:, 0].float()).amax(0)
-                coarse = torch.zeros(padded.shape, device=self.device)
-                coarse[crop] = torch.nn.functional.interpolate(
-                    probability[None, None], size=tuple(s.stop - s.start for s in crop), mode="trilinear")[0, 0]
+                coarse = torch.zeros(view.padded.shape, device=self.device)
+                coarse[view.crop] = torch.nn.functional.interpolate(
+                    probability[None, None], size=tuple(s.stop - s.start for s in view.crop), mode="trilinear")[0, 0]
         return text, coarse
 
     def _far_windows(self, starts, coarse, roi) -> set:
@@ -321,7 +429,42 @@ class Predictor:
 
     # ---- windows -------------------------------------------------------------------------------------------
 
-    def _run_windows(self, padded, starts, queries, opts, stitchers, positives, timings, notes, progress, cancel, total):
+    def _window_asker(self, question: str, history: str, names: list[str], answer_mode: str, opts: AskOptions):
+        """A function from a chunk's visual tokens to its answers: (prompts, row of each, target of each)."""
+        if self.text_prompted:
+            prompts = self.model.text_prompts(names, self.device).to(self.dtype)
+
+            def ask(visual):
+                rows = [row for row in range(visual.shape[0]) for _ in names]
+                return prompts.repeat(visual.shape[0], 1), rows, list(range(len(names))) * visual.shape[0]
+            return ask
+        prompt = prompt_ids(self.model.tokenizer, question, self.model.num_visual_tokens, history)
+        named = [] if names == [UNNAMED_TARGET] else names
+        if answer_mode == "constrained":
+            groups = self.answer_templates(named)
+
+            def ask(visual):
+                answers = score_candidates(self.model, visual, prompt, groups)
+                return answers.prompts, answers.rows, answers.masks
+            return ask
+        sampling = TopP(seed=opts.seed) if answer_mode == "sample" else None
+
+        def ask(visual):
+            answers = generate(self.model, visual, prompt, self.max_new_tokens, sampling)
+            return answers.prompts, answers.rows, self._owners(answers, names)
+        return ask
+
+    def _owners(self, answers: WindowAnswers, names: list[str]) -> list[int]:
+        """For generated answers: the target of each mask, by the name before its [SEG], else by its order."""
+        owners = []
+        for row, k in zip(answers.rows, answers.masks):
+            text = self.model.tokenizer.decode(answers.token_ids[row], skip_special_tokens=False)
+            said = [self._canonical(name) for name in targets_named_in_answer(text)]
+            name = said[k] if k < len(said) and said[k] in names else None
+            owners.append(names.index(name) if name is not None else min(k, len(names) - 1))
+        return owners
+
+    def _run_windows(self, view, starts, ask, opts, stitchers, positives, timings, notes, progress, cancel, total):
         batch = opts.window_batch or (16 if self.device.type == "cuda" else 4)
         done = total - len(starts)
         position = 0
@@ -330,15 +473,14 @@ class Predictor:
                 raise CancelledError("cancelled by the user")
             chunk = starts[position:position + batch]
             try:
-                decoded = self._decode_windows(padded, chunk, queries, opts, timings)
+                masks = self._decode_windows(view, chunk, ask, opts, timings)
             except (RuntimeError, MemoryError) as error:
                 if not is_out_of_memory(error):
                     raise
                 batch = self._recover_from_oom(batch, notes)
                 continue
-            # Stitched only once every query's masks exist, so a retried chunk is never added twice.
-            for query, masks in zip(queries, decoded):
-                self._stitch(chunk, query, masks, stitchers, positives, timings)
+            # Stitched only once every mask of the chunk exists, so a retried chunk is never added twice.
+            self._stitch(chunk, masks, stitchers, positives, timings)
             position += len(chunk)
             done += len(chunk)
             if progress is not None:
@@ -356,10 +498,11 @@ class Predictor:
             self.device = torch.device("cpu")
             self.resample_on_device = False
             self.model.to(self.device)
-            # What was cached on the GPU is dropped; the resampled CT (host memory) stays.
-            self._ct_cache.windows.clear()
-            self._ct_cache.whole_ct = None
-            self._ct_cache.padded = None
+            # What was cached on the GPU is dropped; this question's view keeps the voxels its windows are cut from.
+            for view in self._ct_cache.views.values():
+                view.windows.clear()
+                view.whole_ct = None
+            self._ct_cache.views.clear()
             return 1
         raise OutOfMemoryError("out of memory on the CPU even with one window per batch; free memory or use a smaller model")
 
@@ -367,7 +510,7 @@ class Predictor:
         """Forget the last CT's resampled voxels and encoder outputs (frees their memory)."""
         self._ct_cache = None
 
-    def _cache_for(self, volume: Volume) -> "CTCache":
+    def _cache_for(self, volume: Volume) -> CTCache:
         """The cache of this CT: a new CT (other voxels or geometry) replaces the previous one."""
         key = volume_fingerprint(volume)
         if self._ct_cache is None or self._ct_cache.key != key:
@@ -376,76 +519,88 @@ class Predictor:
         return self._ct_cache
 
     @torch.no_grad()
-    def _decode_windows(self, padded, chunk, queries, opts, timings) -> list["WindowMasks"]:
+    def _decode_windows(self, view, chunk, ask, opts, timings):
+        """The chunk's masks: (row in the chunk, owning target) of each, and their fused values (probabilities for
+        Gaussian fusion, logits for the original's constant fusion)."""
         with timings("encoder"):
-            tokens, visual = self._encoded_windows(padded, chunk)
-        decoded = []
-        for query in queries:
-            with timings("llm"):
-                answers = self._answer(visual, query, opts)
-            decoded.append(self._decode(tokens, answers, query, opts, timings))
-        return decoded
-
-    def _encoded_windows(self, padded, chunk):
-        """Encoder tokens and visual tokens of each window: they do not depend on the question, so a follow-up
-        question about the same CT reuses them (within a memory budget)."""
-        cache = self._ct_cache
-        missing = [start for start in chunk if start not in cache.windows]
-        if missing:
-            # A no-op, unless an out-of-memory fallback moved the model to the CPU during this question.
-            windows = extract_windows(padded, missing, self.model.window_size).to(self.device)
-            tokens = self.model.encode_images(windows)
-            visual = self.model.projector(tokens)
-            computed = {start: (tokens[i], visual[i]) for i, start in enumerate(missing)}
-            per_window = tokens[0].numel() * tokens.element_size() + visual[0].numel() * visual.element_size()
-            if (len(cache.windows) + len(missing)) * per_window <= WINDOW_CACHE_BYTES:
-                cache.windows.update(computed)
-        else:
-            computed = {}
-        pairs = [computed.get(start) or cache.windows[start] for start in chunk]
-        return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
-
-    def _answer(self, visual, query: Query, opts: AskOptions) -> WindowAnswers:
-        if opts.answer_mode == "constrained":
-            return score_candidates(self.model, visual, query.prompt, query.candidates)
-        return greedy_decode(self.model, visual, query.prompt, self.model.config.max_answer_tokens)
-
-    def _decode(self, tokens, answers, query, opts, timings) -> "WindowMasks":
-        """One mask per [SEG] of each window, owned by the target that [SEG] stands for."""
-        rows, prompts, owners = [], [], []
-        for row, states in enumerate(answers.seg_states):
-            for k in range(min(len(states), len(query.target_indices))):
-                rows.append(row)
-                prompts.append(states[k])
-                owners.append(query.target_indices[k])
-        probabilities = None
+            tokens, visual = self._encoded_windows(view, chunk)
+        with timings("llm"):
+            prompts, rows, owners = ask(visual)
+        values = None
         if rows:
             with timings("decoder"):
-                prompt = self.model.segment_projector(torch.stack(prompts))
-                segmentation = self.model.decode_masks(tokens[rows], prompt, opts.loops)
-                probabilities = torch.sigmoid(segmentation.logits[:, 0].float())
-        return WindowMasks(rows, owners, probabilities)
+                logits = self.model.decode_masks(tokens[rows], prompts, opts.loops).logits[:, 0].float()
+                values = logits if self.profile.fusion == "constant" else torch.sigmoid(logits)
+        return rows, owners, values
+
+    def _encoded_windows(self, view: View, chunk):
+        """Encoder tokens and visual tokens of each window: they do not depend on the question, so a follow-up
+        question about the same CT reuses them (within a memory budget)."""
+        missing = [start for start in chunk if start not in view.windows]
+        if missing:
+            # A no-op, unless an out-of-memory fallback moved the model to the CPU during this question.
+            windows = extract_windows(view.padded, missing, self.model.window_size).to(self.device)
+            tokens = self.model.encode_images(windows)
+            # A text-prompted model has no LLM: an empty stand-in keeps one cache layout for both kinds.
+            visual = self.model.projector(tokens) if not self.text_prompted else tokens[:, :0]
+            computed = {start: (tokens[i], visual[i]) for i, start in enumerate(missing)}
+            per_window = tokens[0].numel() * tokens.element_size() + visual[0].numel() * visual.element_size()
+            if (len(view.windows) + len(missing)) * per_window <= WINDOW_CACHE_BYTES:
+                view.windows.update(computed)
+        else:
+            computed = {}
+        pairs = [computed.get(start) or view.windows[start] for start in chunk]
+        return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
 
     @staticmethod
-    def _stitch(chunk, query, masks: "WindowMasks", stitchers, positives, timings):
-        """A window without a mask for a target adds background to it."""
+    def _stitch(chunk, masks, stitchers, positives, timings):
+        """A window without a mask for a target adds the background (probability 0, or the original's veto)."""
+        rows, owners, values = masks
         with timings("stitching"):
-            for target in query.target_indices:
-                hits = [i for i, owner in enumerate(masks.owners) if owner == target]
-                hit_rows = {masks.rows[i] for i in hits}
+            for target, stitcher in enumerate(stitchers):
+                hits = [i for i, owner in enumerate(owners) if owner == target]
+                hit_rows = {rows[i] for i in hits}
                 if hits:
-                    stitchers[target].add(masks.probabilities[hits], [chunk[masks.rows[i]] for i in hits])
+                    stitcher.add(values[hits], [chunk[rows[i]] for i in hits])
                     positives[target] += len(hit_rows)
-                stitchers[target].add_background([start for row, start in enumerate(chunk) if row not in hit_rows])
+                stitcher.add_background([start for row, start in enumerate(chunk) if row not in hit_rows])
 
 
-def compose_answer(targets: list[TargetResult], named: bool) -> str:
-    """The user-facing answer: what was found, with volumes, and what is not there."""
-    parts = []
+def _shown(text: str, seg_names: list[str]) -> str:
+    """The model's text with each [SEG] replaced by the name of the segment it made."""
+    parts = text.split(SEG_TOKEN)
+    shown = [parts[0]]
+    for k, part in enumerate(parts[1:]):
+        name = seg_names[k] if k < len(seg_names) and seg_names[k] else UNNAMED_TARGET
+        shown.append(f"[segment: {name}]" + part)
+    return "".join(shown)
+
+
+def compose_answer(model_text: str, targets: list[TargetResult], spoken: Targets, windows: int) -> str:
+    """What the user reads: the model's own answer, the measured volumes, and where the windows disagree with it.
+
+    Without a global answer (step off) the answer is the template each target's windows chose.
+    """
+    if model_text:
+        seg_names = [name or (spoken.names[k] if k < len(spoken.names) else None)
+                     for k, name in enumerate(spoken.seg_names)]
+        parts = [_shown(model_text, seg_names)]
+    else:
+        parts = [_shown(positive_answer([t.name]), [t.name]) if t.present else negative_answer([t.name]) for t in targets]
     for target in targets:
-        label = target.name if named else "the target"
         if target.present:
-            parts.append(f"Found {'the ' if named else ''}{label}: {target.volume_ml:.1f} mL ({target.voxel_count} voxels).")
+            parts.append(f"{target.name}: {target.volume_ml:.1f} mL ({target.voxel_count} voxels).")
         else:
-            parts.append(negative_answer([label] if named else []))
+            parts.append(f"{target.name}: not found, the segment is empty.")
+        said = spoken.said.get(target.name)
+        if said is False and target.present:
+            parts.append(f"The whole-CT answer says there is no {target.name}, but {target.windows_positive} of "
+                         f"{windows} windows found it; the segment holds what they found.")
+        elif said is True and not target.present:
+            parts.append(f"The whole-CT answer found the {target.name}, but no window confirmed it; the segment is empty.")
     return " ".join(parts)
+
+
+def compose_text_prompted_answer(targets: list[TargetResult]) -> str:
+    """A text-prompted model has no answer of its own: it says what it segmented, never that a target is absent."""
+    return " ".join(f"Segmented the {t.name}: {t.volume_ml:.1f} mL ({t.voxel_count} voxels)." for t in targets)

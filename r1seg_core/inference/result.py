@@ -25,8 +25,12 @@ class TargetResult:
     def present(self) -> bool:
         return self.voxel_count > 0
 
+    @property
+    def status(self) -> str:
+        return "present" if self.present else "absent"
+
     def summary(self) -> dict:
-        return {"name": self.name, "present": self.present, "volume_ml": round(self.volume_ml, 3),
+        return {"name": self.name, "status": self.status, "present": self.present, "volume_ml": round(self.volume_ml, 3),
                 "voxel_count": self.voxel_count, "windows_positive": self.windows_positive}
 
 
@@ -38,21 +42,28 @@ class AnswerResult:
     timings: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     device: str = "cpu"
-    model_text: str = ""                           # the LLM's own global answer, when the global step ran
+    model_text: str = ""                           # the LLM's own global answer (with [SEG]), when the global step ran
     windows: int = 0
+    profile: str = "project"                       # the inference profile that produced it
 
     @property
     def present(self) -> bool:
         return any(t.present for t in self.targets)
 
+    @property
+    def status(self) -> str:
+        """"present" when any target has voxels, else "absent" (the file then holds empty, named segments)."""
+        return "present" if self.present else "absent"
+
     def to_dict(self) -> dict:
-        return {"question": self.question, "answer": self.answer, "present": self.present,
+        return {"question": self.question, "answer": self.answer, "status": self.status, "present": self.present,
                 "targets": [t.summary() for t in self.targets], "model_text": self.model_text,
-                "windows": self.windows, "device": self.device, "notes": self.notes,
+                "windows": self.windows, "profile": self.profile, "device": self.device, "notes": self.notes,
                 "timings_s": {k: round(v, 4) for k, v in self.timings.items()}}
 
     def labelmap(self) -> tuple[np.ndarray, dict[int, str]]:
-        """One label value per target (1, 2, ...); where targets overlap the later one wins."""
+        """One label value per target (1, 2, ...); where targets overlap the later one wins. An absent target keeps
+        its value and name with no voxels, so a written file lists every segment asked about, found or not."""
         if not self.targets:
             raise ValueError("the answer has no targets to write")
         labels = np.zeros(self.targets[0].mask.shape, dtype=np.uint8)

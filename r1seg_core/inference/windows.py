@@ -85,9 +85,9 @@ def _gaussian_profile(length: int, sigma: float, device) -> torch.Tensor:
 
 
 class WindowStitcher:
-    """Importance-weighted average of overlapping per-window values (probabilities) over a volume."""
+    """Importance-weighted average of overlapping per-window values (probabilities or logits) over a volume."""
 
-    def __init__(self, shape_zyx, roi_zyx, importance: torch.Tensor, device=None):
+    def __init__(self, shape_zyx, roi_zyx, importance: torch.Tensor, device=None, background: float = 0.0):
         self.shape_zyx = tuple(int(size) for size in shape_zyx)
         self.roi_zyx = tuple(int(length) for length in roi_zyx)
         _check_same_rank(self.shape_zyx, self.roi_zyx)
@@ -99,6 +99,8 @@ class WindowStitcher:
         self._importance = importance.to(device=device, dtype=torch.float32)
         self._weighted_sum = torch.zeros(self.shape_zyx, device=device)
         self._weight_sum = torch.zeros(self.shape_zyx, device=device)
+        # The value of an "absent" window: probability 0, or the original's logit -1000 (which vetoes its voxels).
+        self.background = float(background)
 
     def add(self, values: torch.Tensor, starts: list[Start]) -> None:
         """Accumulate a batch of window answers (B, d, h, w) taken at `starts`."""
@@ -115,14 +117,17 @@ class WindowStitcher:
             self._weight_sum[region] += self._importance
 
     def add_background(self, starts: list[Start]) -> None:
-        """Windows whose answer is "absent": they count, with value 0, without a tensor to build."""
+        """Windows whose answer is "absent": they count, with the background value, without a tensor to build."""
         for start in starts:
-            self._weight_sum[self._region(start)] += self._importance
+            region = self._region(start)
+            if self.background:
+                self._weighted_sum[region].add_(self._importance, alpha=self.background)
+            self._weight_sum[region] += self._importance
 
     def result(self) -> torch.Tensor:
-        """The weighted average (D, H, W); voxels that no window covered are 0."""
+        """The weighted average (D, H, W); voxels that no window covered get the background value."""
         covered = self._weight_sum > 0
-        return torch.where(covered, self._weighted_sum / torch.where(covered, self._weight_sum, 1.0), 0.0)
+        return torch.where(covered, self._weighted_sum / torch.where(covered, self._weight_sum, 1.0), self.background)
 
     def _region(self, start: Start) -> tuple[slice, slice, slice]:
         if len(start) != 3 or any(

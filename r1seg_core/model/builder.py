@@ -95,7 +95,7 @@ def build_model(config: R1Seg3DConfig, tokenizer=None, text_tokenizer=None, dtyp
     if config.language_model is not None:
         if tokenizer is None:
             tokenizer = _default_tokenizer(config)
-        if tokenizer and not config.language_model.path:
+        if tokenizer and not (config.language_model.path or config.language_model.package):
             # A freshly initialised LLM gets exactly the tokenizer's vocabulary (before the added tokens).
             config.language_model.hf_config.update(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
                                                    bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
@@ -113,7 +113,7 @@ def build_model(config: R1Seg3DConfig, tokenizer=None, text_tokenizer=None, dtyp
     if config.text_encoder is not None:
         if text_tokenizer is None:
             text_tokenizer = _default_text_tokenizer(config.text_encoder)
-        if not config.text_encoder.path:
+        if not (config.text_encoder.path or config.text_encoder.package):
             config.text_encoder.hf_config["vocab_size"] = len(text_tokenizer)
         text_model = build_text_model(config.text_encoder)
         text_encoder = TextEncoder(text_model, config.encoder.hidden_size, config.text_encoder.prompt_template)
@@ -126,20 +126,25 @@ def build_from_preset(name: str, **overrides) -> R1Seg3D:
 
 
 def _default_tokenizer(config: R1Seg3DConfig):
-    from transformers import AutoTokenizer
-
     lm = config.language_model
-    if lm.path:
-        return AutoTokenizer.from_pretrained(lm.path, local_files_only=True)
+    if lm.path or lm.package:
+        return _pretrained_tokenizer(lm)
     check_architecture(lm.hf_config.get("model_type"))
     from .tokenizer import build_project_tokenizer
     return build_project_tokenizer(lm.hf_config["model_type"])
 
 
 def _default_text_tokenizer(config: TextEncoderConfig):
-    from transformers import AutoTokenizer
-
-    if config.path:
-        return AutoTokenizer.from_pretrained(config.path, local_files_only=True)
+    if config.path or config.package:
+        return _pretrained_tokenizer(config)
     from .tokenizer import build_project_tokenizer
     return build_project_tokenizer("bert")
+
+
+def _pretrained_tokenizer(config):
+    from transformers import AutoTokenizer
+
+    from .language_model import pretrained_source
+
+    folder, arguments = pretrained_source(config)
+    return AutoTokenizer.from_pretrained(folder, **arguments)

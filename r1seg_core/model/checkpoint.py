@@ -47,14 +47,21 @@ def architecture_config(causal_lm) -> dict:
     return {k: v for k, v in data.items() if k not in _VOLATILE_HF_KEYS}
 
 
-def save_model(model, folder: Path, merge_lora: bool = True, max_shard_bytes: int = 2 * 1024 ** 3) -> Path:
+def save_model(model, folder: Path, merge_lora: bool = True, max_shard_bytes: int = 2 * 1024 ** 3,
+               llm_delta_rank: int | None = None) -> Path:
+    """`llm_delta_rank`: store the LLM as its packaged base plus a low-rank adapter and the added tokens' rows
+    (base_delta.py) instead of its whole weights."""
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
     config = dataclasses.replace(model.config)
     state = {k: v for k, v in model.state_dict().items() if not k.startswith("language_model.")}
     lm = model.language_model
-    if lm is not None:
+    if lm is not None and llm_delta_rank:
+        state.update(_save_llm_delta(model, folder, llm_delta_rank))
+        config.language_model = dataclasses.replace(config.language_model, hf_config=architecture_config(lm.causal_lm), path=None)
+        model.tokenizer.save_pretrained(folder)
+    elif lm is not None:
         store_adapter = lm.has_lora and not merge_lora
         if store_adapter and not config.language_model.path:
             raise CheckpointError("an adapter-only checkpoint needs the base LLM folder (language_model.path); save merged instead")
@@ -62,15 +69,35 @@ def save_model(model, folder: Path, merge_lora: bool = True, max_shard_bytes: in
             lm.llm.save_pretrained(folder / ADAPTER_DIR)
         else:
             state.update({LLM_PREFIX + k: v for k, v in merged_llm_state(lm).items()})
-            config.language_model = dataclasses.replace(config.language_model, hf_config=architecture_config(lm.causal_lm), path=None)
+            config.language_model = dataclasses.replace(config.language_model, hf_config=architecture_config(lm.causal_lm),
+                                                        path=None, package=None)
         model.tokenizer.save_pretrained(folder)
     if model.text_encoder is not None:
-        config.text_encoder = dataclasses.replace(config.text_encoder, hf_config=architecture_config(model.text_encoder.text_model), path=None)
+        config.text_encoder = dataclasses.replace(config.text_encoder, hf_config=architecture_config(model.text_encoder.text_model),
+                                                  path=None, package=None)
         model.text_tokenizer.save_pretrained(folder / TEXT_TOKENIZER_DIR)
     _write_weights(state, folder, max_shard_bytes, save_file)
     config.save(folder)
     (folder / CARD_NAME).write_text(model_card(config))
     return folder
+
+
+def _save_llm_delta(model, folder: Path, rank: int) -> dict[str, torch.Tensor]:
+    """Writes `adapter/`; returns the added tokens' rows for model.safetensors."""
+    import copy
+
+    from .base_delta import adapter_from_factors, added_rows, build_base, low_rank_factors
+    from .stages import added_token_ids
+
+    if not model.config.language_model.package:
+        raise CheckpointError("storing the LLM as a delta needs its base weights named by language_model.package")
+    token_ids = added_token_ids(model)
+    base = build_base(model.config.language_model, copy.deepcopy(model.tokenizer))
+    tuned = merged_llm_state(model.language_model)
+    factors = low_rank_factors(base, tuned, rank, token_ids)
+    # The embeddings are the base's plus the rows kept in model.safetensors: PEFT must not copy the whole matrix.
+    adapter_from_factors(base, factors, rank).save_pretrained(folder / ADAPTER_DIR, save_embedding_layers=False)
+    return added_rows(model.language_model.causal_lm, token_ids)
 
 
 def _write_weights(state: dict, folder: Path, max_shard_bytes: int, save_file) -> None:
@@ -183,11 +210,21 @@ def load_model(folder: Path, device="cpu", dtype: torch.dtype | None = None):
         raise CheckpointError(f"the tokenizer in {folder} gives token ids {model.config.token_ids} but config.json says "
                               f"{config.token_ids}: tokenizer and weights do not belong together")
     adapter = folder / ADAPTER_DIR
-    if config.language_model is not None and config.language_model.path and adapter.is_dir():
-        _load_adapter(model, adapter)
     state = read_weights(folder, dtype)
-    expected = {k: v for k, v in model.state_dict().items()
-                if not (model.language_model is not None and model.language_model.has_lora and k.startswith("language_model."))}
+    if config.language_model is not None and config.language_model.package and adapter.is_dir():
+        from .base_delta import set_added_rows
+        from .stages import added_token_ids
+
+        _load_adapter(model, adapter)
+        # Folded in once: inference then runs the plain LLM, as fast as a merged checkpoint.
+        model.language_model.merge_lora()
+        set_added_rows(model.language_model.causal_lm, added_token_ids(model), state)
+    elif config.language_model is not None and config.language_model.path and adapter.is_dir():
+        _load_adapter(model, adapter)
+    # An LLM built from its base plus an adapter is complete already; the file holds only the rest.
+    llm_from_base = model.language_model is not None and adapter.is_dir() and bool(
+        config.language_model.package or config.language_model.path)
+    expected = {k: v for k, v in model.state_dict().items() if not (llm_from_base and k.startswith("language_model."))}
     check_state_dict(expected, state, f"the weights in {folder}")
     # The read tensors become the parameters (no second copy of the weights in memory); the file stores tied
     # embeddings twice, so they are tied again.

@@ -23,13 +23,15 @@ def build_causal_lm(config: LanguageModelConfig, dtype: torch.dtype | None = Non
     """A causal LM from a local folder (pretrained weights) or from a config dict (random weights)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    if config.path:
-        folder = Path(config.path)
-        if not (folder / "config.json").is_file():
-            raise CheckpointError(f"language model folder {folder} has no config.json")
-        hf_config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    if config.path or config.package:
+        folder, arguments = pretrained_source(config)
+        hf_config = AutoConfig.from_pretrained(folder, **arguments)
         check_architecture(hf_config.model_type)
-        return AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=dtype or torch.float32)
+        if "gguf_file" in arguments:
+            from .packaged import dequantised_gguf
+
+            return dequantised_gguf(config.package, folder, arguments, dtype or torch.float32)
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype or torch.float32, **arguments)
     if not config.hf_config or "model_type" not in config.hf_config:
         raise InvalidInputError("the language model needs either a local folder (path) or a config dict with model_type")
     settings = dict(config.hf_config)
@@ -38,6 +40,18 @@ def build_causal_lm(config: LanguageModelConfig, dtype: torch.dtype | None = Non
     hf_config = AutoConfig.for_model(model_type, **settings)
     model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype or torch.float32)
     return model
+
+
+def pretrained_source(config) -> tuple[Path, dict]:
+    """Folder and `from_pretrained` arguments of a pretrained LLM or text encoder: a local folder or a packaged file."""
+    from .packaged import from_pretrained_arguments
+
+    if config.package:
+        return from_pretrained_arguments(config.package)
+    folder = Path(config.path)
+    if not (folder / "config.json").is_file():
+        raise CheckpointError(f"pretrained model folder {folder} has no config.json")
+    return folder, {"local_files_only": True}
 
 
 def check_architecture(model_type: str) -> None:

@@ -23,6 +23,9 @@ from .segment_projector import SegmentProjector
 from .text_encoder import TextEncoder
 from .transformer import TwoWayTransformer
 
+# The mask logits the original gives an answer without [SEG]: an empty mask, and a veto where windows are averaged.
+NO_SEG_LOGIT = -1000.0
+
 
 @dataclass
 class SegmentationOutput:
@@ -30,6 +33,14 @@ class SegmentationOutput:
     logits: torch.Tensor                      # (P, 1, D, H, W)
     low_res_passes: list[torch.Tensor]        # 1 + loops tensors of (P, 1, 4d, 4h, 4w)
     iou_passes: list[torch.Tensor] = field(default_factory=list)
+
+
+@dataclass
+class SegPrompts:
+    """What the [SEG] rule gives: the chosen LLM states, their decoder prompts, and whose mask each one is."""
+    hidden: torch.Tensor                      # (P, H) the [SEG] states (averaged per row when the switch says so)
+    prompts: torch.Tensor | None              # (P, C) after the segment projector; None when P == 0
+    rows: list[tuple[int, int]]               # (row, k): the k-th mask of that row
 
 
 @dataclass
@@ -129,36 +140,37 @@ class R1Seg3D(nn.Module):
 
     # ---- the [SEG] rule ------------------------------------------------------------------------------------
 
-    def seg_positions(self, input_ids: torch.Tensor) -> list[list[int]]:
-        """Per row, the positions whose hidden state becomes a [SEG] embedding.
+    def seg_prompts(self, token_ids: torch.Tensor, hidden: torch.Tensor, answer_start: int | None = None) -> SegPrompts:
+        """The one [SEG] rule: token ids and their last-layer states in, one decoder prompt per mask out.
 
-        "before" takes the state preceding each [SEG] (the one that predicts it), as the original did;
-        "at" takes the state at the [SEG] token.
+        Training, every inference path and `compat-run` call this, so the compatibility switches act in one place:
+        - `seg_state`: "before" takes the state preceding each [SEG] (the one that predicts it; the original),
+          "at" the state at the [SEG] itself;
+        - `average_seg_states`: several [SEG] of a row become one mean prompt (the original) or one prompt each;
+        - `first_generated_seg_visible`: with `answer_start` (the index of a generated answer's first token), a
+          [SEG] generated first is dropped when False, as the original's generate never saw it. Without
+          `answer_start` (teacher forcing) every [SEG] with a state before it counts, as in the original's training.
+        token_ids (B, L) and hidden (B, L, H) are aligned: hidden[:, t] is the state after reading token t.
         """
-        shift = 1 if self.config.compatibility.seg_state == "before" else 0
-        is_seg = input_ids == self.token_ids["seg"]
-        rows = []
-        for row in is_seg:
-            positions = [int(p) - shift for p in torch.nonzero(row).flatten()]
-            rows.append([p for p in positions if p >= 0])
-        return rows
-
-    def gather_seg_states(self, hidden: torch.Tensor, positions: list[list[int]]) -> tuple[torch.Tensor, list[tuple[int, int]]]:
-        """Stack the [SEG] states: one row per [SEG], or one mean per item when averaging (the original)."""
+        compat = self.config.compatibility
+        shift = 1 if compat.seg_state == "before" else 0
+        first = 0 if answer_start is None else answer_start + (0 if compat.first_generated_seg_visible else 1)
         states, rows = [], []
-        for item, item_positions in enumerate(positions):
-            if not item_positions:
+        for item, row in enumerate(token_ids == self.token_ids["seg"]):
+            positions = [int(t) - shift for t in torch.nonzero(row).flatten() if int(t) >= first and int(t) - shift >= 0]
+            if not positions:
                 continue
-            chosen = hidden[item, item_positions]
-            if self.config.compatibility.average_seg_states:
+            chosen = hidden[item, positions]
+            if compat.average_seg_states:
                 states.append(chosen.mean(0, keepdim=True))
                 rows.append((item, 0))
             else:
                 states.append(chosen)
-                rows.extend((item, k) for k in range(len(item_positions)))
-        if not states:
-            return hidden.new_zeros(0, hidden.shape[-1]), []
-        return torch.cat(states), rows
+                rows.extend((item, k) for k in range(len(positions)))
+        if not rows:
+            return SegPrompts(hidden.new_zeros(0, hidden.shape[-1]), None, [])
+        seg_hidden = torch.cat(states)
+        return SegPrompts(seg_hidden, self.segment_projector(seg_hidden), rows)
 
     # ---- training forward ----------------------------------------------------------------------------------
 
@@ -176,17 +188,18 @@ class R1Seg3D(nn.Module):
         embeds = self.embed_prompt_sequence(input_ids, visual)
         hidden, _ = self.language_model(embeds, attention_mask)
         loss_lm = self.lm_loss(hidden, labels) if labels is not None else hidden.new_zeros(())
-        seg_hidden, rows = self.gather_seg_states(hidden, self.seg_positions(input_ids))
+        found = self.seg_prompts(input_ids, hidden)
         zero = hidden.new_zeros(())
+        rows = found.rows
         if target_masks is not None:
             keep = [i for i, (b, k) in enumerate(rows) if k < target_masks.shape[1] and target_masks[b, k].any()]
         else:
             keep = list(range(len(rows)))
-        seg_hidden, rows = seg_hidden[keep], [rows[i] for i in keep]
+        seg_hidden, rows = found.hidden[keep], [rows[i] for i in keep]
         segmentation = seg_prompt = None
         loss_dice = loss_bce = zero
         if rows:
-            seg_prompt = self.segment_projector(seg_hidden)
+            seg_prompt = found.prompts[keep]
             items = torch.tensor([b for b, _ in rows], device=image_tokens.device)
             segmentation = self.decode_masks(image_tokens[items].to(seg_prompt.dtype), seg_prompt, loops, traces)
             if target_masks is not None:
@@ -209,19 +222,23 @@ class R1Seg3D(nn.Module):
 
     # ---- SAM mode (stage 1, "without reasoning") -----------------------------------------------------------
 
+    def text_prompts(self, target_names: list[str], device) -> torch.Tensor:
+        """(P, C) decoder prompts from target names through the frozen text encoder (the template of stage 1)."""
+        if self.text_encoder is None or self.text_tokenizer is None:
+            raise InvalidInputError("this model has no text encoder: build it with a text_encoder config (SAM mode)")
+        ids, mask = self.text_encoder.tokenize(self.text_tokenizer, target_names, device)
+        return self.text_encoder(ids, mask)
+
     def segment_with_text(self, images: torch.Tensor, target_names: list[str], target_masks: torch.Tensor | None = None,
                           loops: int | None = None, traces: list[dict] | None = None):
         """Prompt the decoder with a frozen text encoder's embedding of each item's target name.
 
         Returns (SegmentationOutput, loss dict or None).
         """
-        if self.text_encoder is None or self.text_tokenizer is None:
-            raise InvalidInputError("this model has no text encoder: build it with a text_encoder config (SAM mode)")
         if len(target_names) != images.shape[0]:
             raise InvalidInputError(f"{images.shape[0]} images but {len(target_names)} target names")
+        prompts = self.text_prompts(target_names, images.device)
         image_tokens = self.encode_images(images)
-        ids, mask = self.text_encoder.tokenize(self.text_tokenizer, target_names, images.device)
-        prompts = self.text_encoder(ids, mask)
         segmentation = self.decode_masks(image_tokens, prompts, loops, traces)
         if target_masks is None:
             return segmentation, None

@@ -7,6 +7,8 @@
 """
 from __future__ import annotations
 
+import torch
+
 from ..errors import InvalidInputError
 
 STAGE_MODULES = {
@@ -28,8 +30,19 @@ def _is_selected(name: str, groups: tuple[str, ...], embedding_names: set[str]) 
     return False
 
 
-def set_trainable(model, stage: int) -> list[str]:
-    """Freeze all parameters except the stage's set; returns the trainable parameter names."""
+EMBEDDING_ROWS = ("all", "new")
+
+
+def set_trainable(model, stage: int, embedding_rows: str = "all") -> list[str]:
+    """Freeze all parameters except the stage's set; returns the trainable parameter names.
+
+    `embedding_rows="new"` trains only the rows of the added tokens (`<im_patch>`, box tokens, `[SEG]`) of the token
+    embeddings and LM head: the other rows' gradients are zeroed, so with no weight decay on them (see
+    `trained_rows`) they keep the pretrained values. For a small LLM the whole matrix is most of what stage 2 would
+    train (SmolLM2-135M: 28 M of 34 M parameters), and a shipped model then only needs the new rows.
+    """
+    if embedding_rows not in EMBEDDING_ROWS:
+        raise InvalidInputError(f"embedding_rows must be one of {EMBEDDING_ROWS}; got {embedding_rows!r}")
     if stage not in STAGE_MODULES:
         raise InvalidInputError(f"training stage must be 1, 2, 3 or 4; got {stage}")
     groups = STAGE_MODULES[stage]
@@ -49,4 +62,27 @@ def set_trainable(model, stage: int) -> list[str]:
         parameter.requires_grad_(selected)
         if selected:
             trainable.append(name)
+            if name in embedding_names and embedding_rows == "new":
+                _train_rows_only(parameter, added_token_ids(model))
     return trainable
+
+
+def added_token_ids(model) -> list[int]:
+    """Ids of the tokens R1Seg3D adds to the LLM's vocabulary."""
+    from ..prompting import BOX_TOKENS, IMAGE_TOKEN, SEG_TOKEN
+
+    return model.tokenizer.convert_tokens_to_ids([IMAGE_TOKEN, *BOX_TOKENS, SEG_TOKEN])
+
+
+def trained_rows(parameter) -> list[int] | None:
+    """The rows a row-restricted parameter trains (None: all of it); the optimizer must not decay such a parameter."""
+    return getattr(parameter, "r1seg_trained_rows", None)
+
+
+def _train_rows_only(parameter, rows: list[int]) -> None:
+    if trained_rows(parameter) is not None:
+        return                          # tied embeddings: input and output are one parameter, hooked once
+    keep = torch.zeros(parameter.shape[0], 1, dtype=torch.bool)
+    keep[rows] = True
+    parameter.r1seg_trained_rows = list(rows)
+    parameter.register_hook(lambda grad: grad * keep.to(grad.device))

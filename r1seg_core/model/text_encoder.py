@@ -5,23 +5,21 @@ Linear (`dim_align`) into the decoder's prompt space, where the LLM path's segme
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from torch import nn
 
 from ..config import TextEncoderConfig
-from ..errors import CheckpointError, InvalidInputError
+from ..errors import InvalidInputError
 
 
 def build_text_model(config: TextEncoderConfig):
     from transformers import AutoConfig, AutoModel
 
-    if config.path:
-        folder = Path(config.path)
-        if not (folder / "config.json").is_file():
-            raise CheckpointError(f"text encoder folder {folder} has no config.json")
-        return AutoModel.from_pretrained(folder, local_files_only=True)
+    if config.path or config.package:
+        from .language_model import pretrained_source
+
+        folder, arguments = pretrained_source(config)
+        return AutoModel.from_pretrained(folder, **arguments)
     if not config.hf_config or "model_type" not in config.hf_config:
         raise InvalidInputError("the text encoder needs either a local folder (path) or a config dict with model_type")
     settings = dict(config.hf_config)

@@ -28,7 +28,7 @@ def training_corpus() -> list[str]:
     texts += [prompting.POSITIVE_ANSWER, prompting.NAMED_POSITIVE_ANSWER, prompting.NEGATIVE_ANSWER]
     for structure in load_vocabulary().structures:
         texts.append(structure.name)
-        texts.extend(structure.descriptions)
+        texts.extend(structure.all_descriptions)
     return texts
 
 

@@ -1,7 +1,7 @@
 """The one vocabulary of CT structures that training, inference and the Slicer module share.
 
 structures.json holds each canonical structure (synonyms, SNOMED CT codes, colour, implicit
-descriptions); datasets.json maps every dataset's label ids to canonical names. README.md says
+descriptions for training and held-out ones for evaluation only); datasets.json maps every dataset's label ids to canonical names. README.md says
 where the codes and colours come from.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ from r1seg_core.errors import R1SegError
 _DATA_DIR = Path(__file__).resolve().parent
 GROUPS = frozenset({"organ", "vessel", "bone", "muscle", "lesion", "airway", "gland", "nerve", "cavity", "other"})
 _STRUCTURE_FIELDS = frozenset({"name", "display_name", "synonyms", "group", "category", "type", "type_modifier",
-                               "color", "descriptions"})
+                               "color", "descriptions", "held_out_descriptions"})
 _OPTIONAL_STRUCTURE_FIELDS = frozenset({"provenance"})  # documentation only, see README.md
 _ARTICLES = ("the", "a", "an")
 _SIDES = ("left", "right")
@@ -44,7 +44,12 @@ class Structure:
     type: Code
     type_modifier: Code | None
     color: tuple[int, int, int]
-    descriptions: tuple[str, ...]
+    descriptions: tuple[str, ...]             # what training asks implicit questions with
+    held_out_descriptions: tuple[str, ...]    # never trained on: implicit questions of the evaluation
+
+    @property
+    def all_descriptions(self) -> tuple[str, ...]:
+        return self.descriptions + self.held_out_descriptions
 
 
 def _words(text: str) -> list[str]:
@@ -233,7 +238,7 @@ def _parse_structure(entry: object, path: Path) -> Structure:
         raise VocabularyError(f"{where}: name must be lower-case words separated by single spaces")
     if not isinstance(entry["display_name"], str) or not entry["display_name"].strip():
         raise VocabularyError(f"{where}: display_name must be a non-empty string")
-    for field in ("synonyms", "descriptions"):
+    for field in ("synonyms", "descriptions", "held_out_descriptions"):
         if not isinstance(entry[field], list) or not all(isinstance(t, str) and t.strip() for t in entry[field]):
             raise VocabularyError(f"{where}: {field} must be a list of non-empty strings")
     if entry["group"] not in GROUPS:
@@ -253,6 +258,7 @@ def _parse_structure(entry: object, path: Path) -> Structure:
         else _parse_code(entry["type_modifier"], f"{where}: type_modifier"),
         color=(color[0], color[1], color[2]),
         descriptions=tuple(entry["descriptions"]),
+        held_out_descriptions=tuple(entry["held_out_descriptions"]),
     )
 
 

@@ -6,6 +6,7 @@ so every layout gets the same checks and the same messages.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -55,7 +56,8 @@ class SourceSpec:
     dataset: str | None = None                  # r1seg_core.vocabulary label map (M3D-Seg code, totalsegmentator_v2)
     label_names: dict[int, str] = field(default_factory=dict)   # label value -> name, overriding the dataset's own
     cases: list[str] | None = None              # only these case ids
-    split: str = "train"                        # the json list the npy layouts read
+    split: str = "train"                        # the part of the split read: the npy layouts' json, or split_file
+    split_file: str | None = None               # an M3D-Seg style split (train/test lists) for the other layouts
     unknown_labels: str = "error"               # "error": reject the case; "skip": drop the label (both reported)
     image_name: str = "ct.nii.gz"               # mask_folders: the CT file in each case folder
     masks_dir: str = "segmentations"            # mask_folders: the folder of per-structure masks
@@ -71,14 +73,35 @@ class SourceSpec:
             raise InvalidInputError(f"data source {data.get('name')!r}: missing {sorted(missing)}")
         values = dict(data)
         # Cluster paths usually live in environment variables ($DATA_ROOT/...); relative paths are relative to the recipe.
-        values["path"] = (base / os.path.expandvars(str(values["path"]))).resolve()
+        where = f"{base / 'data.yaml'}, source {data['name']!r}"
+        values["path"] = (base / expand_variables(str(values["path"]), where, "path")).resolve()
         values["label_names"] = {int(k): str(v) for k, v in (values.get("label_names") or {}).items()}
+        if values.get("split_file"):
+            values["split_file"] = str((base / expand_variables(str(values["split_file"]), where, "split_file")).resolve())
         spec = cls(**values)
         if spec.layout not in LAYOUTS:
             raise InvalidInputError(f"data source {spec.name!r}: layout {spec.layout!r} is not one of {', '.join(LAYOUTS)}")
         if spec.unknown_labels not in ("error", "skip"):
             raise InvalidInputError(f"data source {spec.name!r}: unknown_labels must be 'error' or 'skip'")
         return spec
+
+
+_VARIABLE = re.compile(r"\$(\w+|\{[^}]*\})")
+
+
+def expand_variables(value: str, where: str, key: str) -> str:
+    """`value` with its environment variables expanded; one left unset is an error naming the file, key and variable.
+
+    os.path.expandvars leaves an unset variable as it is, and "${R1SEG_MODELS}/Phi-3" would then fail hours later,
+    on another node, as a missing folder. (DeepSpeed's multi-node runner drops variables it does not forward.)
+    """
+    expanded = os.path.expandvars(value)
+    left = _VARIABLE.search(expanded)
+    if left:
+        raise InvalidInputError(f"{where}: {key} {value!r} uses {left.group(0)}, which is not set in this process's "
+                                "environment; export it (on every node: training/run_stages.sh forwards R1SEG_* "
+                                "variables) or write the path out")
+    return expanded
 
 
 def case_error(source: str, case_id: str, problem: str) -> InvalidInputError:
@@ -93,7 +116,7 @@ def list_cases(spec: SourceSpec) -> list[CaseEntry]:
                "mask_folders": read_mask_folders.list_cases, "manifest": read_manifest.list_cases}
     if not spec.path.exists():
         raise InvalidInputError(f"data source {spec.name!r}: {spec.path} does not exist")
-    entries = readers[spec.layout](spec)
+    entries = _in_split(spec, readers[spec.layout](spec))
     if spec.cases is not None:
         wanted = set(spec.cases)
         missing = wanted - {e.case_id for e in entries}
@@ -101,6 +124,22 @@ def list_cases(spec: SourceSpec) -> list[CaseEntry]:
             raise InvalidInputError(f"data source {spec.name!r}: cases {sorted(missing)} are not in {spec.path}")
         entries = [e for e in entries if e.case_id in wanted]
     return sorted(entries, key=lambda e: e.case_id)
+
+
+def _in_split(spec: SourceSpec, entries: list[CaseEntry]) -> list[CaseEntry]:
+    """Only the cases of `spec.split`; a split file that puts a case in two parts is refused (a test-set leak)."""
+    from r1seg_core.evaluation.splits import check_parts_disjoint, read_split_file, split_case_ids
+
+    if spec.layout in ("m3d_npy", "segvol_npy"):
+        # Their reader takes spec.split from the dataset's own json; it must not share cases with another part.
+        own_list = spec.path / f"{spec.path.name}.json"
+        if own_list.is_file():
+            check_parts_disjoint(read_split_file(own_list), own_list)
+        return entries
+    if spec.split_file is None:
+        return entries
+    wanted = set(split_case_ids(spec.split_file, spec.split))
+    return [e for e in entries if e.case_id in wanted]
 
 
 def entry(case_id: str, loader: Callable, *args) -> CaseEntry:

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from r1seg_core.preprocess import resize_to_window
+
 from ..recipe import CropSettings
 from .prepared import PreparedCase
 
@@ -40,17 +42,20 @@ def _padded(array: np.ndarray, window) -> np.ndarray:
 
 
 def sample_crop(case: PreparedCase, window, settings: CropSettings, rng: np.random.Generator) -> Crop:
-    shape = case.shape
-    if case.structures and rng.random() < settings.foreground_ratio:
-        structure = case.structures[rng.integers(len(case.structures))]
-        voxels = case.foreground_voxels(structure.index)
-        centre = voxels[rng.integers(len(voxels))]
+    targets = [s for s in case.structures if settings.targets is None or s.name in settings.targets]
+    if rng.random() < settings.whole_volume_ratio:
+        image, layers = _whole_volume(case, window)
     else:
-        centre = [rng.integers(s) for s in shape]
-    start = crop_start(shape, window, centre)
-    region = tuple(slice(b, b + w) for b, w in zip(start, window))
-    image = _padded(np.asarray(case.image()[region], dtype=np.float32), window)
-    layers = _padded(np.asarray(case.labels()[(slice(None), *region)]), window)
+        if targets and rng.random() < settings.foreground_ratio:
+            structure = targets[rng.integers(len(targets))]
+            voxels = case.foreground_voxels(structure.index)
+            centre = voxels[rng.integers(len(voxels))]
+        else:
+            centre = [rng.integers(s) for s in case.shape]
+        start = crop_start(case.shape, window, centre)
+        region = tuple(slice(b, b + w) for b, w in zip(start, window))
+        image = _padded(np.asarray(case.image()[region], dtype=np.float32), window)
+        layers = _padded(np.asarray(case.labels()[(slice(None), *region)]), window)
     values = max((s.index for s in case.structures), default=0) + 1
     counts = sum(np.bincount(layer.ravel(), minlength=values) for layer in layers)
     present, absent = [], list(case.absent)
@@ -58,7 +63,18 @@ def sample_crop(case: PreparedCase, window, settings: CropSettings, rng: np.rand
         count = int(counts[structure.index])
         if count == 0:
             absent.append(structure.name)
-        elif count >= min(settings.present_min_voxels, (structure.voxels + 1) // 2):
+        elif structure in targets and count >= min(settings.present_min_voxels, (structure.voxels + 1) // 2):
             present.append(structure.name)
         # In between, a sliver of the structure is in view: neither a fair positive nor a true negative.
     return Crop(image, layers, present, absent, {s.name: s.index for s in case.structures})
+
+
+def _whole_volume(case: PreparedCase, window) -> tuple[np.ndarray, np.ndarray]:
+    """The whole case squeezed into one window: the image as the predictor resizes it, each label layer by nearest
+    neighbour."""
+    import torch
+
+    image = resize_to_window(np.asarray(case.image(), dtype=np.float32), window)
+    labels = torch.from_numpy(np.asarray(case.labels()).astype(np.float32))[None]
+    layers = torch.nn.functional.interpolate(labels, size=tuple(window), mode="nearest")[0]
+    return np.asarray(image, dtype=np.float32), layers.numpy().astype(case.labels().dtype)

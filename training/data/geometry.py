@@ -8,10 +8,9 @@ the CT's field of view, and rejected when it does not, because then it belongs t
 from __future__ import annotations
 
 import numpy as np
-import SimpleITK as sitk
 
 from r1seg_core.preprocess import ModelGrid
-from r1seg_core.volume import Volume
+from r1seg_core.volume import Volume, resample_labels_to_grid
 
 # Labels written by other tools carry float32 geometry; these tolerances absorb that rounding only.
 _SPACING_RTOL = 1e-4
@@ -35,12 +34,8 @@ def describe_grid(volume: Volume) -> str:
 
 def labels_to_model_grid(labels: Volume, grid: ModelGrid) -> np.ndarray:
     """An integer label volume -> the same labels (uint16) on the model grid; 0 outside its field of view."""
-    reference = sitk.Image([int(n) for n in grid.shape_zyx[::-1]], sitk.sitkUInt16)
-    reference.SetSpacing([float(s) for s in grid.spacing_zyx[::-1]])
-    reference.SetOrigin([float(o) for o in grid.origin])   # the canonical grid's direction is the identity
-    source = labels.with_array(labels.array.astype(np.uint16, copy=False)).to_sitk()
-    resampled = sitk.Resample(source, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt16)
-    return sitk.GetArrayFromImage(resampled)
+    # The canonical grid's direction is the identity.
+    return resample_labels_to_grid(labels, grid.shape_zyx, grid.spacing_zyx[::-1], grid.origin, np.eye(3))
 
 
 def lost_foreground(labels: Volume, resampled: np.ndarray, grid: ModelGrid) -> float:

@@ -1,0 +1,165 @@
+"""Questions answered by an R1Seg3D server (`r1seg serve`), for the panel and for batch.py.
+
+`ServerQuestion` is one question as a non-blocking state machine: each `poll()` makes at most a few
+short HTTP requests and returns the same events as worker.py's, so the panel's 100 ms timer drives it
+and Slicer's main thread never waits on inference. The answer is fetched, whole, only once the server
+says it is done; the caller then writes it to the scene (main thread). A server that dies or stops
+answering mid-question becomes a FailedEvent that says so, and nothing is written.
+"""
+from __future__ import annotations
+
+import time
+import traceback
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from r1seg_core.server import protocol
+from r1seg_core.server.client import ServerError, ServerUnreachable, job_error
+from r1seg_core.server.nrrd import mask_from_nrrd_bytes, volume_to_nrrd_bytes
+
+from .server_process import ServerProcessError
+from .worker import CancelledEvent, FailedEvent, FinishedEvent, ProgressEvent
+
+# After Cancel, the server has this long to confirm before a local one is killed (issue #13: about a second).
+CANCEL_GRACE_S = 1.0
+
+
+@dataclass
+class RemoteTarget:
+    name: str
+    mask: np.ndarray
+    volume_ml: float
+    voxel_count: int
+
+
+@dataclass
+class RemoteAnswer:
+    """What engine.R1SegSession.write_answer and batch.py read of an AnswerResult, rebuilt from the server's reply."""
+    answer: str
+    present: bool
+    targets: list[RemoteTarget]
+    notes: list[str] = field(default_factory=list)
+    timings: dict = field(default_factory=dict)
+    device: str = ""
+
+
+def server_options(options) -> dict:
+    """The engine.AskOptions a server takes per question (the model, device and precision are the server's)."""
+    return {"overlap": options.overlap, "loops": options.loops}
+
+
+def fetch_answer(client, job_id: str) -> RemoteAnswer:
+    summary = client.result(job_id)
+    targets = [RemoteTarget(target["name"], mask_from_nrrd_bytes(client.mask(job_id, index)), float(target["volume_ml"]),
+                            int(target["voxel_count"])) for index, target in enumerate(summary["targets"])]
+    return RemoteAnswer(summary["answer"], bool(summary["present"]), targets, list(summary["notes"]),
+                        dict(summary["timings_s"]), summary["device"])
+
+
+def ask_blocking(client, volume, question: str, options, progress=None, conversation_id=None) -> RemoteAnswer:
+    """For scripts (batch.py): send, wait, fetch. Raises the engine's error types, or ServerError."""
+    volume_id = client.upload(volume_to_nrrd_bytes(volume, compress=not client.loopback))
+    job = client.submit(volume_id, question, conversation_id, **server_options(options))
+    status = client.wait(job["job_id"], progress)
+    if status["state"] != protocol.DONE:
+        raise job_error(status)
+    return fetch_answer(client, job["job_id"])
+
+
+class ServerQuestion:
+    """One question on a server, advanced by `poll()` from the main thread.
+
+    `server` is a server_process.LocalServer (started, maybe not ready yet) or None with a remote
+    `client`. `conversation_id()` is called once the server answers, to get the conversation's id there."""
+
+    def __init__(self, question_id: int, volume, question: str, options, client=None, server=None,
+                 conversation_id=None):
+        self.id = question_id
+        self._volume, self._question, self._options = volume, question, options
+        self._server, self._client = server, client
+        self._conversation_id = conversation_id
+        self._job_id = None
+        self._cancel_requested_at = None
+        self._last_progress = None
+        self.finished = False
+        self.server_lost = False   # the server died or stopped answering: a local one must be restarted
+
+    def cancel(self) -> None:
+        if self._cancel_requested_at is None:
+            self._cancel_requested_at = time.monotonic()
+        if self._job_id is not None:
+            try:
+                self._client.cancel(self._job_id)
+            except ServerError:
+                pass   # the next poll reports what happened to the server
+
+    def poll(self) -> list:
+        if self.finished:
+            return []
+        try:
+            return self._advance()
+        except ServerUnreachable as error:
+            return self._end(FailedEvent(self.id, error, ""), lost=True)
+        except ServerError as error:
+            return self._end(FailedEvent(self.id, error, ""), lost=isinstance(error, ServerProcessError))
+        except Exception as error:  # the engine's refusal (bad CT or question) or a bug: the panel shows it
+            return self._end(FailedEvent(self.id, error, traceback.format_exc()))
+
+    def _end(self, event, lost: bool = False) -> list:
+        self.finished = True
+        self.server_lost = lost
+        if lost and isinstance(event, FailedEvent):
+            reason = str(event.error).splitlines()[0]
+            restart = "the next question starts a new server" if self._server is not None else "check the server"
+            event = FailedEvent(self.id, ServerError(f"The R1Seg3D server stopped while answering ({reason}). "
+                                                     f"Nothing was added to the scene; {restart}."), event.traceback_text)
+        return [event]
+
+    def _advance(self) -> list:
+        if self._cancel_requested_at is not None and self._job_id is None:
+            return self._end(CancelledEvent(self.id))
+        if self._client is None:
+            if not self._server.poll_ready():
+                return self._progress(0, 0, "Starting the R1Seg3D server")
+            self._client = self._server.client
+        elif self._server is not None:
+            self._server.check_alive()
+        if self._job_id is None:
+            return self._submit()
+        status = self._client.status(self._job_id)
+        state = status["state"]
+        if state == protocol.DONE:
+            if self._cancel_requested_at is not None:
+                return self._end(CancelledEvent(self.id))
+            return self._end(FinishedEvent(self.id, fetch_answer(self._client, self._job_id)))
+        if state == protocol.CANCELLED:
+            return self._end(CancelledEvent(self.id))
+        if state == protocol.FAILED:
+            return self._end(FailedEvent(self.id, job_error(status), ""))
+        if self._cancel_requested_at is not None and time.monotonic() - self._cancel_requested_at > CANCEL_GRACE_S:
+            if self._server is not None:
+                self._server.kill()   # it did not stop in time: the next question starts a fresh one
+                return self._end(CancelledEvent(self.id), lost=True)
+        if state == protocol.QUEUED:
+            return self._progress(0, 0, f"Waiting for the server ({status.get('position', 0)} ahead)")
+        if state == protocol.LOADING:
+            return self._progress(0, 0, "Loading the model")
+        return self._progress(status["done"], status["total"], "Segmenting" if status["total"] else "Answering")
+
+    def _submit(self) -> list:
+        # Short, blocking transfers on the main thread: a thread of Slicer's would be starved (see module docstring).
+        volume_id = self._client.upload(volume_to_nrrd_bytes(self._volume, compress=not self._client.loopback))
+        conversation_id = self._conversation_id() if callable(self._conversation_id) else self._conversation_id
+        job = self._client.submit(volume_id, self._question, conversation_id, **server_options(self._options))
+        self._job_id = job["job_id"]
+        if self._cancel_requested_at is not None:
+            self.cancel()
+        self._volume = None   # the server has it
+        return self._progress(0, 0, "Sent to the server")
+
+    def _progress(self, done, total, stage) -> list:
+        if (done, total, stage) == self._last_progress:
+            return []
+        self._last_progress = (done, total, stage)
+        return [ProgressEvent(self.id, done, total, stage)]

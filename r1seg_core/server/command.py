@@ -1,0 +1,80 @@
+"""`r1seg serve`: its options, the refusal to listen beyond loopback without a token, and the socket.
+
+Kept apart from `app` so that building the `r1seg` parser never imports FastAPI.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import sys
+from pathlib import Path
+
+from ..errors import InvalidInputError, R1SegError
+from . import protocol
+
+
+def command_serve(args) -> int:
+    import uvicorn
+
+    from .app import create_app
+    from .jobs import ServeSettings
+
+    loopback = protocol.is_loopback(args.host)
+    if not loopback and not args.token_file:
+        raise InvalidInputError(f"refusing to listen on {args.host} without --token-file: anyone who can reach this "
+                                "machine could run the model and read the CTs sent to it. Create a token file "
+                                "(chmod 600) and pass --token-file, or keep the default --host 127.0.0.1")
+    if args.max_upload_mb <= 0 or args.max_waiting < 0:
+        raise InvalidInputError("--max-upload-mb must be positive and --max-waiting at least 0")
+    token = protocol.read_token(args.token_file) if args.token_file else None
+    settings = ServeSettings(model_dir=args.model, device=args.device, dtype=args.dtype, profile=args.profile,
+                             threads=args.threads, max_waiting=args.max_waiting)
+    family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((args.host, args.port))
+    except OSError as error:
+        sock.close()
+        raise R1SegError(f"cannot listen on {args.host}:{args.port}: {error.strerror}") from None
+    port = sock.getsockname()[1]
+    url = f"http://{'[' + args.host + ']' if family == socket.AF_INET6 else args.host}:{port}"
+
+    def on_ready(app):
+        # Written only once requests are served, and atomically, so a launcher that sees the file can connect.
+        if args.ready_file:
+            ready = Path(args.ready_file)
+            temporary = ready.with_name(ready.name + ".tmp")
+            temporary.write_text(json.dumps({"url": url, "pid": os.getpid()}), encoding="utf-8")
+            os.replace(temporary, ready)
+        print(f"r1seg serve: listening on {url} (model {args.model or 'default'}; token "
+              f"{'required' if token else 'not required'})", file=sys.stderr, flush=True)
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    app = create_app(settings, token=token, max_upload_bytes=args.max_upload_mb << 20, loopback_only=loopback,
+                     on_ready=on_ready)
+    config = uvicorn.Config(app, log_level="warning", server_header=False, timeout_keep_alive=30)
+    uvicorn.Server(config).run(sockets=[sock])
+    return 0
+
+
+def add_parser(commands) -> None:
+    serve = commands.add_parser("serve", help="keep a model loaded and answer questions over HTTP")
+    serve.add_argument("--model", help="model folder (default: the bundled default model)")
+    serve.add_argument("--host", default=protocol.DEFAULT_HOST,
+                       help="address to listen on (default 127.0.0.1; any other needs --token-file)")
+    serve.add_argument("--port", type=int, default=protocol.DEFAULT_PORT,
+                       help=f"port (default {protocol.DEFAULT_PORT}; 0 picks a free one, see --ready-file)")
+    serve.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
+    serve.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto")
+    serve.add_argument("--profile", choices=("auto", "project", "original"), default="auto")
+    serve.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
+    serve.add_argument("--token-file", help="file holding the token every request must send as 'Authorization: Bearer'")
+    serve.add_argument("--max-upload-mb", type=int, default=protocol.DEFAULT_MAX_UPLOAD_MB,
+                       help=f"largest CT upload in MiB (default {protocol.DEFAULT_MAX_UPLOAD_MB})")
+    serve.add_argument("--max-waiting", type=int, default=2,
+                       help="questions that may wait behind the running one; more are refused as busy (default 2)")
+    serve.add_argument("--ready-file", help="write {\"url\", \"pid\"} as JSON here once the server answers")
+    serve.set_defaults(handler=command_serve)
