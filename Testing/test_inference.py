@@ -211,7 +211,7 @@ def limit_address_space(extra_mb):
     size_kb = int(re.search(r"VmSize:\\s+(\\d+)", open("/proc/self/status").read()).group(1))
     resource.setrlimit(resource.RLIMIT_AS, (size_kb * 1024 + extra_mb * 2 ** 20, resource.RLIM_INFINITY))
 
-predictor = Predictor(device="cpu")
+predictor = Predictor(sys.argv[1], device="cpu")
 ct = read_volume(sample_ct_path())
 reference = predictor.ask(ct, "segment the liver", window_batch=1, global_step="off", keep_probability=True)
 predictor.clear_cache()
@@ -229,12 +229,15 @@ print(json.dumps(report))
 """
 
 
-def test_running_out_of_cpu_memory_retries_with_fewer_windows_then_says_so():
-    # A real allocation failure: the child process caps its own address space (RLIMIT_AS) after loading.
+def test_running_out_of_cpu_memory_retries_with_fewer_windows_then_says_so(tmp_path):
+    # A real allocation failure: the child process caps its own address space (RLIMIT_AS) after loading. The limits
+    # are sized for the tiny preset's 32x256x256 windows at 2x1x1 mm (28 windows on the sample CT).
     import subprocess
     import sys
 
-    child = subprocess.run([sys.executable, "-c", OUT_OF_MEMORY_CHILD], capture_output=True, text=True, timeout=300)
+    assert r1seg(["init-model", str(tmp_path / "tiny"), "--preset", "tiny"]) == 0
+    child = subprocess.run([sys.executable, "-c", OUT_OF_MEMORY_CHILD, str(tmp_path / "tiny")], capture_output=True,
+                           text=True, timeout=300)
     assert child.returncode == 0, child.stderr[-2000:]
     report = json.loads(child.stdout.strip().splitlines()[-1])
     retries = [note for note in report["notes"] if note.startswith("out of CPU memory: retried with")]

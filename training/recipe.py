@@ -51,7 +51,7 @@ class AugmentSettings:
 
 @dataclass
 class QuestionSettings:
-    negative_ratio: float = 0.0          # samples asking for a target absent from the crop (stage 2: "no" answers)
+    negative_ratio: float = 0.0          # samples asking for a target absent from the crop (stage 1: an empty mask; 2: "no")
     implicit_ratio: float = 0.0          # single-target questions that describe the target instead of naming it
     multi_target_ratio: float = 0.0      # positive questions naming 2..max_targets present targets
     max_targets: int = 3

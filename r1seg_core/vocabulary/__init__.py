@@ -81,18 +81,25 @@ class Vocabulary:
     """Canonical structures plus dataset label maps; build it with load_vocabulary()."""
 
     def __init__(self, structures: tuple[Structure, ...], label_maps: dict[str, dict[int, str]],
-                 phrases: dict[str, Structure]):
+                 phrases: dict[str, Structure], published_names: dict[str, dict[str, Structure]]):
         self.structures = structures
         self._by_name = {s.name: s for s in structures}
         self._label_maps = label_maps
         self._phrases = phrases
+        self._published_names = published_names
         self._longest_phrase = max(len(p.split(" ")) for p in phrases)
 
-    def lookup(self, text: str) -> Structure | None:
-        """The structure a name, synonym or raw dataset label refers to, or None."""
+    def lookup(self, text: str, dataset: str | None = None) -> Structure | None:
+        """The structure a name, synonym or raw dataset label refers to, or None.
+
+        With `dataset` (a datasets.json code), a label name of that dataset's own published label list comes
+        first: MSD calls a liver, a lung and a pancreas tumour all "cancer".
+        """
         key = _phrase_key(text)
         if not key:
             return None
+        if key in self._published_names.get(dataset, {}):
+            return self._published_names[dataset][key]
         *head, last = key.split(" ")
         for form in (last, *_singular_forms(last)):
             hit = self._phrases.get(" ".join([*head, form]))
@@ -191,6 +198,7 @@ def _load_vocabulary_from(directory: Path) -> Vocabulary:
                                       f"{owner.name!r}; a phrase must resolve to one structure")
 
     label_maps: dict[str, dict[int, str]] = {}
+    published_names: dict[str, dict[str, Structure]] = {}
     for dataset, spec in _read(datasets_path, "datasets", dict).items():
         labels = spec.get("labels") if isinstance(spec, dict) else None
         if not isinstance(labels, dict) or not labels:
@@ -203,7 +211,16 @@ def _load_vocabulary_from(directory: Path) -> Vocabulary:
                 raise VocabularyError(f"{datasets_path}: dataset {dataset!r} label {label_id} names {name!r}, "
                                       "which is not a structure in structures.json")
             label_maps[dataset][int(label_id)] = name
-    return Vocabulary(structures, label_maps, phrases)
+        published = spec.get("published_names", {})
+        if not isinstance(published, dict):
+            raise VocabularyError(f"{datasets_path}: dataset {dataset!r} 'published_names' must be an object")
+        published_names[dataset] = {}
+        for raw, name in published.items():
+            if name not in by_name:
+                raise VocabularyError(f"{datasets_path}: dataset {dataset!r} published name {raw!r} names {name!r}, "
+                                      "which is not a structure in structures.json")
+            published_names[dataset][_phrase_key(raw)] = by_name[name]
+    return Vocabulary(structures, label_maps, phrases, published_names)
 
 
 def _reject_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:

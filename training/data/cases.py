@@ -53,7 +53,8 @@ class SourceSpec:
     name: str                                   # the prepared dataset's name, used by the stage files
     layout: str
     path: Path
-    dataset: str | None = None                  # r1seg_core.vocabulary label map (M3D-Seg code, totalsegmentator_v2)
+    dataset: str | None = None                  # r1seg_core.vocabulary datasets.json entry (M3D-Seg code,
+                                                # totalsegmentator_v2); default: the folder's name
     label_names: dict[int, str] = field(default_factory=dict)   # label value -> name, overriding the dataset's own
     cases: list[str] | None = None              # only these case ids
     split: str = "train"                        # the part of the split read: the npy layouts' json, or split_file
@@ -61,6 +62,11 @@ class SourceSpec:
     unknown_labels: str = "error"               # "error": reject the case; "skip": drop the label (both reported)
     image_name: str = "ct.nii.gz"               # mask_folders: the CT file in each case folder
     masks_dir: str = "segmentations"            # mask_folders: the folder of per-structure masks
+
+    @property
+    def vocabulary_dataset(self) -> str:
+        """The datasets.json entry whose label map and published label names apply to this source."""
+        return self.dataset or self.path.name
 
     @classmethod
     def from_dict(cls, data: dict, base: Path) -> "SourceSpec":

@@ -25,6 +25,9 @@ class Crop:
     index_of: dict[str, int]          # structure name -> its value in `layers`
 
     def mask(self, name: str) -> np.ndarray:
+        if name not in self.index_of and name in self.absent:
+            # Annotated by the dataset but absent from the whole case, so it has no index in `layers`.
+            return np.zeros(self.image.shape, dtype=bool)
         return (self.layers == self.index_of[name]).any(0)
 
 

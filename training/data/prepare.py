@@ -113,13 +113,14 @@ def _named_values(spec: SourceSpec, case_id: str, label_map: LabelMap, note) -> 
     named = {}
     for value in sorted(set(values) | set(label_map.names)):
         raw = label_map.names.get(value)
-        structure = vocabulary.lookup(raw) if raw is not None else None
+        structure = vocabulary.lookup(raw, spec.vocabulary_dataset) if raw is not None else None
         if structure is not None:
             named[value] = structure.name
             continue
         problem = (f"label value {value} of {label_map.path} has no name in the dataset's label list" if raw is None else
-                   f"label {value} {raw!r} of {label_map.path} is not in the vocabulary (r1seg_core/vocabulary); add it "
-                   "as a synonym there or map it with label_names in data.yaml")
+                   f"label {value} {raw!r} of {label_map.path} is not in the vocabulary (r1seg_core/vocabulary) nor "
+                   f"among dataset {spec.vocabulary_dataset!r}'s published_names in datasets.json; add it there or "
+                   "map it with label_names in data.yaml")
         if spec.unknown_labels == "error":
             raise case_error(spec.name, case_id, problem)
         note(f"{problem}: skipped")

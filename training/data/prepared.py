@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import shutil
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +25,10 @@ from r1seg_core.errors import InvalidInputError
 INDEX_NAME = "index.json"
 CASE_NAME = "case.json"
 FOREGROUND_SAMPLES = 2000
+# Cases whose foreground samples one process keeps (about 2 MB for a TotalSegmentator case, least recently used
+# dropped first): a DataLoader worker touches thousands of cases over a long run, and a cache per case object grew
+# to gigabytes per worker.
+FOREGROUND_CACHE_CASES = 64
 
 
 @dataclass(frozen=True)
@@ -63,14 +67,15 @@ class PreparedCase:
     def labels(self) -> np.ndarray:
         return np.load(self.folder / "labels.npy", mmap_mode="r")
 
-    @cached_property
-    def _foreground(self) -> dict[str, np.ndarray]:
-        with np.load(self.folder / "foreground.npz") as npz:
-            return {key: npz[key] for key in npz.files}
-
     def foreground_voxels(self, index: int) -> np.ndarray:
         """(n, 3) sample of the (z, y, x) voxels of structure `index`."""
-        return self._foreground[str(index)]
+        return _foreground(self.folder)[str(index)]
+
+
+@lru_cache(maxsize=FOREGROUND_CACHE_CASES)
+def _foreground(folder: Path) -> dict[str, np.ndarray]:
+    with np.load(folder / "foreground.npz") as npz:
+        return {key: npz[key] for key in npz.files}
 
 
 @dataclass

@@ -62,7 +62,7 @@ class StageSamples(torch.utils.data.Dataset):
 
     def is_positive(self, key: SampleKey) -> bool:
         plan = np.random.default_rng([self.config.seed, _PLAN_STREAM, key.step, key.micro, key.slot])
-        return self.config.stage == 1 or plan.random() >= self.config.questions.negative_ratio
+        return plan.random() >= self.config.questions.negative_ratio
 
     def __getitem__(self, key: SampleKey) -> dict:
         rng = np.random.default_rng([self.config.seed, _SAMPLE_STREAM, key.step, key.micro, key.rank, key.slot])
@@ -71,7 +71,9 @@ class StageSamples(torch.utils.data.Dataset):
         crop = self._crop(source, positive, rng)
         text_rng = random.Random(int(rng.integers(2 ** 63)))
         if self.config.stage == 1:
-            target = text_rng.choice(sorted(crop.present))
+            # A negative names a structure the crop lacks, with an empty target mask: the decoder learns to answer
+            # nothing (the original's collator zero-filled absent classes).
+            target = text_rng.choice(sorted(crop.present if positive else crop.absent))
             return self._finish(crop, [target], [target], rng, {"name": target})
         make = existence_qa if self.config.stage == 2 else segmentation_qa
         qa = make(text_rng, positive, crop.present, crop.absent, self.config.questions)
