@@ -71,10 +71,13 @@ def test_held_out_liver_matches_the_model_card(predictor, held_out, card):
     assert dice(liver[0].mask, labels == TOTALSEG_IDS["liver"]) >= expected - CARD_TOLERANCE
 
 
-def test_a_structure_outside_the_field_of_view_is_absent(predictor, held_out):
-    ct, _ = held_out            # a 40 mm slab of the upper abdomen: no pelvis
-    result = predictor.ask(ct, HELD_OUT_EXPLICIT_QUESTIONS[1].format(target="urinary bladder"))
-    assert not result.present, result.answer
+def test_structures_outside_the_field_of_view_are_absent_as_often_as_the_card_says(predictor, held_out, card):
+    ct, _ = held_out            # a 40 mm slab of the upper abdomen: no head, neck, pelvis or legs
+    outside = card["held_out"]["absent"]["absent_out_of_region"]
+    said_absent = [name for name in outside["structures"]
+                   if not predictor.ask(ct, HELD_OUT_EXPLICIT_QUESTIONS[0].format(target=name)).present]
+    # The card's questions drew their wording at random from the held-out phrasings; here it is fixed: one either way.
+    assert len(said_absent) >= outside["true_negatives"] - 1, said_absent
 
 
 def test_an_implicit_question_in_held_out_wording_finds_its_organ(predictor, held_out, card):

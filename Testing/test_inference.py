@@ -267,7 +267,8 @@ def test_global_step_answer_is_the_models_greedy_text(predictor, ct):
     result = predictor.ask(ct, "segment the liver", global_step="answer")
     model = predictor.model
     whole = predictor._whole_ct(predictor._ct_cache.views[("project", True)])[1]
-    prompt = prompting.prompt_ids(model.tokenizer, "segment the liver", model.num_visual_tokens)
+    # The model reads the question in sentence case ("Segment the liver.").
+    prompt = prompting.prompt_ids(model.tokenizer, "Segment the liver.", model.num_visual_tokens)
     with torch.no_grad():
         greedy = generate(model, whole, prompt, model.config.max_answer_tokens).token_ids[0]
     expected = model.tokenizer.decode(greedy, skip_special_tokens=False).replace(model.tokenizer.eos_token, "").strip()

@@ -270,6 +270,10 @@ def test_bad_input_is_rejected_with_clear_messages(phi3):
         prompting.validate_question("   ")
     with pytest.raises(InvalidInputError, match="limit is"):
         prompting.validate_question("liver " * 400)
+    # Sentence case with a final mark, as training writes questions; the words stay the user's.
+    assert prompting.validate_question("  segment   the liver ") == "Segment the liver."
+    assert prompting.validate_question("is the spleen enlarged?") == "Is the spleen enlarged?"
+    assert prompting.validate_question("Where is the pancreas!") == "Where is the pancreas!"
 
 
 def test_overfitting_one_real_liver_window_halves_the_segmentation_loss(shared_ct):

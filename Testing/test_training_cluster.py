@@ -36,9 +36,11 @@ TRAINING = REPO / "training"
 
 # ---- R1SEG_* variables on every node ------------------------------------------------------------------------
 
+# Each rank writes its own file (HOME is the test's folder on the "remote" side): two ranks printing at once can
+# interleave their lines on the launcher's stdout.
 PROBE = '''import json, os
-print("PROBE " + json.dumps({k: os.environ.get(k) for k in
-      ("RANK", "WORLD_SIZE", "MASTER_ADDR", "R1SEG_MODELS", "NOT_FORWARDED")}), flush=True)
+with open(os.path.join(os.environ["HOME"], "probe-%s.json" % os.environ["RANK"]), "w") as probe:
+    json.dump({k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "R1SEG_MODELS", "NOT_FORWARDED")}, probe)
 '''
 
 
@@ -62,7 +64,7 @@ def test_ranks_started_by_the_multi_node_runner_read_r1seg_variables_from_deepsp
          "--no_ssh_check", "--master_addr", "127.0.0.1", "--launcher_args", remote_shell, "--module", "r1seg_probe"],
         env=env, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stdout + run.stderr
-    ranks = [json.loads(line.split("PROBE ", 1)[1]) for line in run.stdout.splitlines() if "PROBE " in line]
+    ranks = [json.loads(path.read_text()) for path in sorted(tmp_path.glob("probe-*.json"))]
     assert sorted(r["RANK"] for r in ranks) == ["0", "1"]
     assert all(r["WORLD_SIZE"] == "2" and r["MASTER_ADDR"] == "127.0.0.1" for r in ranks)
     assert all(r["R1SEG_MODELS"] == str(tmp_path / "models") and r["NOT_FORWARDED"] is None for r in ranks)

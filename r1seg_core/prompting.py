@@ -76,7 +76,15 @@ def validate_question(question: str) -> str:
             f"the question is {len(text)} characters long; the limit is {MAX_QUESTION_CHARS}")
     if IMAGE_TOKEN in text or SEG_TOKEN in text:
         raise InvalidInputError(f"the question may not contain the model's own tokens {IMAGE_TOKEN} or {SEG_TOKEN}")
-    return text
+    return as_sentence(text)
+
+
+def as_sentence(text: str) -> str:
+    """"segment the liver" -> "Segment the liver.": every question training writes is a sentence, and a small LLM
+    reads a bare lower-case command as something else (the default model then answers "is [SEG]." and finds
+    nothing). Only the first letter and a missing final mark change; the words stay the user's."""
+    text = text[0].upper() + text[1:]
+    return text if text[-1] in ".?!" else text + "."
 
 
 def positive_answer(targets: list[str]) -> str:

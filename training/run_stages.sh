@@ -57,7 +57,9 @@ if [ -n "$SRUN" ]; then
         echo "run_stages.sh: --srun runs inside a SLURM allocation (sbatch training/slurm/two_nodes.sbatch)" >&2
         exit 2
     fi
-    MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"
+    # awk reads the whole list: `head -n 1` would close the pipe early, and pipefail turns scontrol's SIGPIPE into
+    # a failed job.
+    MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | awk 'NR == 1')"
     MASTER_PORT="${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}"    # two jobs on one node do not collide
     export MASTER_ADDR MASTER_PORT
     LAUNCH=(srun --kill-on-bad-exit=1 --label ${SLURM_CPUS_PER_TASK:+--cpus-per-task="$SLURM_CPUS_PER_TASK"}
