@@ -193,8 +193,10 @@ def test_progress_streams_as_server_sent_events(server, ct):
     finally:
         connection.close()
     assert events[-1]["state"] == protocol.DONE
+    # The stream samples the job's state every poll, so the last window's count may be overtaken by "done".
     windows = [event for event in events if event["stage"] == "windows"]
-    assert windows and windows[-1]["done"] == windows[-1]["total"] > 0
+    counts = [event["done"] for event in windows]
+    assert windows and counts == sorted(counts) and 0 < counts[-1] <= windows[-1]["total"]
 
 
 # ---- cancel ------------------------------------------------------------------------------------------------

@@ -142,7 +142,8 @@ def command_evaluate(args) -> int:
     kinds = tuple(k.strip() for k in args.kinds.split(",")) if args.kinds else KINDS
     settings = EvaluationSettings(
         data=Path(args.data), out=Path(args.out), model=Path(args.model) if args.model else None, split=args.split,
-        loops=args.loops, overlap=args.overlap, sliding_window=not args.no_sliding_window, kinds=kinds,
+        loops=args.loops, overlap=args.overlap, profile=args.profile, sliding_window=not args.no_sliding_window,
+        kinds=kinds,
         max_questions_per_kind=args.max_questions_per_kind, targets=_target_names(args.targets), device=args.device,
         dtype=args.dtype,
         window_batch=args.window_batch, save_masks=args.save_masks, shard=parse_shard(args.shard),
@@ -209,7 +210,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--model", help="model folder (default: the bundled default model)")
     evaluate.add_argument("--split", default="test", help="the part of a split file to score (default test)")
     evaluate.add_argument("--loops", type=int, default=None, help="refinement loops 0-3 (default: the model's)")
-    evaluate.add_argument("--overlap", type=float, default=0.25, help="window overlap in [0, 1) (default 0.25)")
+    evaluate.add_argument("--overlap", type=float, default=None,
+                          help="window overlap in [0, 1) (default: the profile's, 0.25 project, 0.5 original)")
+    evaluate.add_argument("--profile", choices=("auto", "project", "original"), default="auto",
+                          help="inference profile (see r1seg ask --profile); auto picks original for converted weights")
     evaluate.add_argument("--no-sliding-window", action="store_true",
                           help="resize the whole CT to one window (the paper's Fig. 4 ablation)")
     evaluate.add_argument("--kinds", help="comma-separated question kinds (default: all of "

@@ -212,7 +212,8 @@ def _header(identity: dict, machines: list[dict]) -> str:
         + (f", split part `{identity['split']}`" if identity.get("split") else ""),
         f"- cases: {len(identity['cases'])}; started {identity['started']}, "
         f"report written {datetime.now(timezone.utc).isoformat(timespec='seconds')}",
-        f"- settings: loops {settings['loops']}, overlap {settings['overlap']}, sliding window "
+        f"- settings: profile {settings.get('profile', 'project')}, loops {settings['loops']}, "
+        f"overlap {settings['overlap']}, sliding window "
         f"{'on' if settings['sliding_window'] else 'off (whole CT resized to one window)'}, kinds "
         f"{', '.join(settings['kinds'])}, at most {settings['max_questions_per_kind'] or 'all'} questions per kind",
     ]

@@ -43,7 +43,8 @@ class EvaluationSettings:
     model: Path | None = None               # None: the bundled default model
     split: str = "test"
     loops: int | None = None                # None: the checkpoint's
-    overlap: float = 0.25
+    overlap: float | None = None            # None: the profile's (0.25 project, 0.5 original)
+    profile: str = "auto"                   # the predictor's inference profile
     sliding_window: bool = True
     kinds: tuple[str, ...] = KINDS
     max_questions_per_kind: int | None = None
@@ -76,7 +77,7 @@ def evaluate(settings: EvaluationSettings, progress: bool = True) -> Path | None
         raise InvalidInputError(f"unknown question kinds {sorted(unknown)}; choose from {', '.join(KINDS)}")
     data = read_data_list(settings.data, settings.split)      # every case checked before anything is written
     model_dir = Path(settings.model or default_model_path()).resolve()
-    predictor = Predictor(model_dir, device=settings.device, dtype=settings.dtype)
+    predictor = Predictor(model_dir, device=settings.device, dtype=settings.dtype, profile=settings.profile)
     out = Path(settings.out)
     _claim(out, _identity(settings, data, model_dir, predictor))
     done = scored_cases(out)
@@ -191,7 +192,8 @@ def _identity(settings: EvaluationSettings, data: DataList, model_dir: Path, pre
             "data": str(data.path), "data_sha256": data.sha256, "split": data.split,
             "cases": [case.case_id for case in data.cases],
             "settings": {"loops": settings.loops if settings.loops is not None else predictor.model.config.refine_loops,
-                         "overlap": settings.overlap, "sliding_window": settings.sliding_window,
+                         "overlap": predictor.profile.overlap if settings.overlap is None else settings.overlap,
+                         "profile": predictor.profile.name, "sliding_window": settings.sliding_window,
                          "kinds": list(settings.kinds), "max_questions_per_kind": settings.max_questions_per_kind}}
 
 
