@@ -50,6 +50,9 @@ def command_ask(args) -> int:
     if predictor.is_placeholder:
         print(f"note: {model_dir} is an UNTRAINED PLACEHOLDER model: the pipeline runs end to end, "
               "but answers and masks are not meaningful. Pass --model with a trained or converted model.", file=sys.stderr)
+    elif not args.model:
+        print(f"note: the bundled default model is a small demonstration model, not for clinical use; its scores are "
+              f"in {default_model_path() / 'MODEL_CARD.md'}", file=sys.stderr)
     volume = read_volume(args.ct)
     result = predictor.ask(volume, args.question, overlap=args.overlap, loops=args.loops, window_batch=args.window_batch,
                            answer_mode=args.answer_mode, global_step=args.global_step,
