@@ -57,15 +57,15 @@ def save_model(model, folder: Path, merge_lora: bool = True, max_shard_bytes: in
     config = dataclasses.replace(model.config)
     state = {k: v for k, v in model.state_dict().items() if not k.startswith("language_model.")}
     lm = model.language_model
-    if lm is not None and llm_delta_rank:
-        state.update(_save_llm_delta(model, folder, llm_delta_rank))
-        config.language_model = dataclasses.replace(config.language_model, hf_config=architecture_config(lm.causal_lm), path=None)
-        model.tokenizer.save_pretrained(folder)
-    elif lm is not None:
+    if lm is not None:
         store_adapter = lm.has_lora and not merge_lora
         if store_adapter and not config.language_model.path:
             raise CheckpointError("an adapter-only checkpoint needs the base LLM folder (language_model.path); save merged instead")
-        if store_adapter:
+        if llm_delta_rank:
+            state.update(_save_llm_delta(model, folder, llm_delta_rank))
+            config.language_model = dataclasses.replace(config.language_model, hf_config=architecture_config(lm.causal_lm),
+                                                        path=None)
+        elif store_adapter:
             lm.llm.save_pretrained(folder / ADAPTER_DIR)
         else:
             state.update({LLM_PREFIX + k: v for k, v in merged_llm_state(lm).items()})
@@ -97,6 +97,8 @@ def _save_llm_delta(model, folder: Path, rank: int) -> dict[str, torch.Tensor]:
     factors = low_rank_factors(base, tuned, rank, token_ids)
     # The embeddings are the base's plus the rows kept in model.safetensors: PEFT must not copy the whole matrix.
     adapter_from_factors(base, factors, rank).save_pretrained(folder / ADAPTER_DIR, save_embedding_layers=False)
+    # PEFT's template model card names this machine's package folder and says nothing; the folder's card is README.md.
+    (folder / ADAPTER_DIR / CARD_NAME).unlink(missing_ok=True)
     return added_rows(model.language_model.causal_lm, token_ids)
 
 
@@ -211,19 +213,18 @@ def load_model(folder: Path, device="cpu", dtype: torch.dtype | None = None):
                               f"{config.token_ids}: tokenizer and weights do not belong together")
     adapter = folder / ADAPTER_DIR
     state = read_weights(folder, dtype)
-    if config.language_model is not None and config.language_model.package and adapter.is_dir():
+    # An LLM built from its base plus an adapter is complete already; the file holds only the rest.
+    llm_from_base = config.language_model is not None and adapter.is_dir() and bool(
+        config.language_model.package or config.language_model.path)
+    if llm_from_base:
+        _load_adapter(model, adapter)
+    if llm_from_base and config.language_model.package:
         from .base_delta import set_added_rows
         from .stages import added_token_ids
 
-        _load_adapter(model, adapter)
         # Folded in once: inference then runs the plain LLM, as fast as a merged checkpoint.
         model.language_model.merge_lora()
         set_added_rows(model.language_model.causal_lm, added_token_ids(model), state)
-    elif config.language_model is not None and config.language_model.path and adapter.is_dir():
-        _load_adapter(model, adapter)
-    # An LLM built from its base plus an adapter is complete already; the file holds only the rest.
-    llm_from_base = model.language_model is not None and adapter.is_dir() and bool(
-        config.language_model.package or config.language_model.path)
     expected = {k: v for k, v in model.state_dict().items() if not (llm_from_base and k.startswith("language_model."))}
     check_state_dict(expected, state, f"the weights in {folder}")
     # The read tensors become the parameters (no second copy of the weights in memory); the file stores tied
