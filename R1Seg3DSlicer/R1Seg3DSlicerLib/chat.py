@@ -2,7 +2,8 @@
 
 The widget only forwards user actions and worker events here and then redraws from this object,
 so every rule about the conversation (one question at a time, Cancel while running, errors shown
-as a message in the conversation, links per found target) is testable without Qt or Slicer.
+as a message in the conversation, links per found target) is testable without Qt or Slicer. Every text
+the panel shows goes through Slicer's translation function (i18n.py).
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import enum
 import html
 import time
 from dataclasses import dataclass, field
+
+from .i18n import tr as _
 
 LINK_SCHEME = "r1seg"
 
@@ -122,9 +125,9 @@ class ChatSession:
     def send(self, question: str, volume_name: str) -> Turn:
         question = question.strip()
         if self._state is not ChatState.IDLE:
-            raise ChatError("A question is already running; wait for it or cancel it.")
+            raise ChatError(_("A question is already running; wait for it or cancel it."))
         if not question:
-            raise ChatError("Type a question first.")
+            raise ChatError(_("Type a question first."))
         turn = Turn(question=question, volume_name=volume_name)
         self._turns.append(turn)
         self._state = ChatState.RUNNING
@@ -141,14 +144,14 @@ class ChatSession:
 
     def clear(self) -> None:
         if self._state is not ChatState.IDLE:
-            raise ChatError("Cannot clear the conversation while a question is running.")
+            raise ChatError(_("Cannot clear the conversation while a question is running."))
         self._turns.clear()
         self._progress = None
 
     def mark_undone(self, turn_index: int) -> Turn:
         turn = self._turns[turn_index]
         if not turn.can_undo:
-            raise ChatError("This answer has nothing left to undo.")
+            raise ChatError(_("This answer has nothing left to undo."))
         turn.undone = True
         for target in turn.targets:
             target.segment_id = None
@@ -187,7 +190,7 @@ class ChatSession:
 
     def fail(self, message: str, notes=()) -> Turn:
         turn = self._end(TurnStatus.FAILED)
-        turn.error = message.strip() or "The question failed for an unknown reason."
+        turn.error = message.strip() or _("The question failed for an unknown reason.")
         turn.notes = list(notes)
         return turn
 
@@ -196,7 +199,7 @@ class ChatSession:
 
     def _end(self, status: TurnStatus) -> Turn:
         if self._state is ChatState.IDLE:
-            raise ChatError("No question is running.")
+            raise ChatError(_("No question is running."))
         turn = self._turns[-1]
         turn.status = status
         turn.elapsed_s = self._clock() - self._started_at
@@ -208,8 +211,14 @@ class ChatSession:
     # ---- what the panel shows ------------------------------------------------------------
 
     @property
+    def elapsed_s(self) -> float | None:
+        """Seconds since the running question was sent (None when none runs)."""
+        return None if self._started_at is None else self._clock() - self._started_at
+
+    @property
     def send_button_text(self) -> str:
-        return {ChatState.IDLE: "Send", ChatState.RUNNING: "Cancel", ChatState.CANCELLING: "Cancelling…"}[self._state]
+        return {ChatState.IDLE: _("Send"), ChatState.RUNNING: _("Cancel"),
+                ChatState.CANCELLING: _("Cancelling…")}[self._state]
 
     @property
     def send_button_enabled(self) -> bool:
@@ -222,22 +231,25 @@ class ChatSession:
     @property
     def status_text(self) -> str:
         if self._state is ChatState.CANCELLING:
-            return "Cancelling…"
+            return _("Cancelling…")
         if self._state is ChatState.RUNNING:
-            elapsed = self._clock() - self._started_at
+            elapsed = self.elapsed_s
             if self._progress is None:
-                return f"Starting… ({elapsed:.0f} s)"
+                return _("Starting… ({seconds:.0f} s)").format(seconds=elapsed)
             stage = self._progress.stage[:1].upper() + self._progress.stage[1:]
             if self._progress.total > 0:
-                return f"{stage}: {self._progress.done}/{self._progress.total} ({elapsed:.0f} s)"
-            return f"{stage} ({elapsed:.0f} s)"
+                return _("{stage}: {done}/{total} ({seconds:.0f} s)").format(
+                    stage=stage, done=self._progress.done, total=self._progress.total, seconds=elapsed)
+            return _("{stage} ({seconds:.0f} s)").format(stage=stage, seconds=elapsed)
         if not self._turns:
-            return "Ask a question about the selected CT."
+            return _("Ask a question about the selected CT.")
         last = self._turns[-1]
+        if last.status is TurnStatus.ANSWERED and last.device:
+            return _("Answered in {seconds:.1f} s on {device}").format(seconds=last.elapsed_s, device=last.device)
         return {
-            TurnStatus.ANSWERED: f"Answered in {last.elapsed_s:.1f} s" + (f" on {last.device}" if last.device else ""),
-            TurnStatus.FAILED: "The last question failed; see the conversation.",
-            TurnStatus.CANCELLED: "Cancelled.",
+            TurnStatus.ANSWERED: _("Answered in {seconds:.1f} s").format(seconds=last.elapsed_s),
+            TurnStatus.FAILED: _("The last question failed; see the conversation."),
+            TurnStatus.CANCELLED: _("Cancelled."),
             TurnStatus.PENDING: "",
         }[last.status]
 
@@ -272,40 +284,42 @@ def parse_link(url: str) -> Link | None:
 def _turn_html(turn_index: int, turn: Turn) -> str:
     escape = html.escape
     parts = [
-        f'<p><b>You</b> <span style="color:gray">({escape(turn.volume_name)})</span>: {escape(turn.question)}</p>'
+        f'<p><b>{escape(_("You"))}</b> <span style="color:gray">({escape(turn.volume_name)})</span>:'
+        f' {escape(turn.question)}</p>'
     ]
     if turn.status is TurnStatus.PENDING:
-        parts.append('<p style="color:gray"><i>Thinking…</i></p>')
+        parts.append(f'<p style="color:gray"><i>{escape(_("Thinking…"))}</i></p>')
     elif turn.status is TurnStatus.CANCELLED:
-        parts.append('<p style="color:gray"><i>Cancelled; nothing was added to the scene.</i></p>')
+        parts.append(f'<p style="color:gray"><i>{escape(_("Cancelled; nothing was added to the scene."))}</i></p>')
     elif turn.status is TurnStatus.FAILED:
-        parts.append(f'<p style="color:#b00020"><b>Error:</b> {escape(turn.error)}</p>')
+        parts.append(f'<p style="color:#b00020"><b>{escape(_("Error:"))}</b> {escape(turn.error)}</p>')
     else:
         parts.append(f"<p><b>R1Seg3D</b>: {escape(turn.answer)}</p>")
         if turn.present is False:
-            parts.append('<p style="color:gray"><i>Not found in this scan; no segment was added.</i></p>')
+            parts.append(f'<p style="color:gray"><i>{escape(_("Not found in this scan; no segment was added."))}</i></p>')
         if turn.targets:
             parts.append("<ul>")
             for target_index, target in enumerate(turn.targets):
                 parts.append(f"<li>{_target_html(turn_index, target_index, target)}</li>")
             parts.append("</ul>")
         if turn.can_undo:
-            parts.append(f'<p><a href="{link_url("undo", turn_index)}">Undo this answer</a></p>')
+            parts.append(f'<p><a href="{link_url("undo", turn_index)}">{escape(_("Undo this answer"))}</a></p>')
         elif turn.undone:
-            parts.append('<p style="color:gray"><i>Undone: its segments were removed.</i></p>')
+            parts.append(f'<p style="color:gray"><i>{escape(_("Undone: its segments were removed."))}</i></p>')
     for note in turn.notes:
-        parts.append(f'<p style="color:#8a6d00">Note: {escape(note)}</p>')
+        parts.append(f'<p style="color:#8a6d00">{escape(_("Note: {note}").format(note=note))}</p>')
     return "".join(parts) + "<hr/>"
 
 
 def _target_html(turn_index: int, target_index: int, target: FoundTarget) -> str:
-    label = f"<b>{html.escape(target.name)}</b> — {target.volume_ml:.1f} mL"
+    escape = html.escape
+    label = f"<b>{escape(target.name)}</b> — {escape(_('{volume:.1f} mL').format(volume=target.volume_ml))}"
     if not target.in_scene:
         if target.voxel_count == 0:
-            return label + ' <span style="color:gray">(empty mask, not added)</span>'
-        return label + ' <span style="color:gray">(removed)</span>'
-    toggle = "hide" if target.visible else "show"
+            return label + f' <span style="color:gray">({escape(_("empty mask, not added"))})</span>'
+        return label + f' <span style="color:gray">({escape(_("removed"))})</span>'
+    toggle = _("hide") if target.visible else _("show")
     return (
-        f'{label} · <a href="{link_url("toggle", turn_index, target_index)}">{toggle}</a>'
-        f' · <a href="{link_url("center", turn_index, target_index)}">centre</a>'
+        f'{label} · <a href="{link_url("toggle", turn_index, target_index)}">{escape(toggle)}</a>'
+        f' · <a href="{link_url("center", turn_index, target_index)}">{escape(_("centre"))}</a>'
     )

@@ -4,7 +4,8 @@ Split by thread, because the GUI runs the middle step on a worker thread:
   main thread    `volume_from_node`                          (reads MRML)
   any thread     `conversation_for`, `ask`                   (model only, no MRML, no Qt)
   main thread    `write_answer`                              (writes MRML)
-`process` chains the three for scripts and tests.
+`process` chains the three for scripts and tests. `answer_record` describes an answer for its provenance
+record (provenance.py), which `write_answer` stores beside the answer's segments.
 
 `r1seg_core` is imported only when a question is actually asked, so that importing the Slicer
 module stays cheap and works before the engine's dependencies are installed.
@@ -12,12 +13,19 @@ module stays cheap and works before the engine's dependencies are installed.
 
 from __future__ import annotations
 
+import dataclasses
+import datetime
+import hashlib
+import json
 import logging
 import threading
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
-from . import scene
+from . import provenance, scene
 from .chat import FoundTarget
+from .i18n import tr as _
 
 
 @dataclass(frozen=True)
@@ -29,12 +37,14 @@ class AskOptions:
     dtype: str = "auto"
     overlap: float | None = None
     loops: int | None = None
+    profile: str = "auto"          # inference profile (r1seg_core/inference/profiles.py); auto: the model's
+    sliding_window: bool = True    # False: the whole CT resized to one window
 
 
-def _default_predictor_factory(model_dir, device, dtype):
+def _default_predictor_factory(model_dir, device, dtype, profile="auto"):
     from r1seg_core.inference.predictor import Predictor
 
-    return Predictor(model_dir=model_dir, device=device, dtype=dtype)
+    return Predictor(model_dir=model_dir, device=device, dtype=dtype, profile=profile)
 
 
 def _default_vocabulary_loader():
@@ -91,17 +101,53 @@ def describe_error(error: BaseException, options: AskOptions | None = None) -> s
         if isinstance(error, engine_errors):
             message = str(error).rstrip(".") + "."
         elif options is not None and options.device == "cpu":
-            message = "Out of memory. Crop the volume (Crop Volume module) and ask again."
+            message = _("Out of memory. Crop the volume (Crop Volume module) and ask again.")
         else:
-            message = "Out of memory. Try the CPU device, or crop the volume (Crop Volume module) and ask again."
+            message = _("Out of memory. Try the CPU device, or crop the volume (Crop Volume module) and ask again.")
         if options is not None and _may_run_float32_on_cpu(options) and "bfloat16" not in message:
-            message += " On the CPU, bfloat16 precision (Advanced) halves the memory the model needs."
+            message += " " + _("On the CPU, bfloat16 precision (Advanced) halves the memory the model needs.")
         return message
     if isinstance(error, engine_errors):
         return str(error)
     if isinstance(error, ValueError):
         return str(error)
-    return f"Unexpected error ({type(error).__name__}: {error}). The full traceback is in the Python console."
+    return _("Unexpected error ({kind}: {error}). The full traceback is in the Python console.").format(
+        kind=type(error).__name__, error=error)
+
+
+def model_identity(model_dir: str | None) -> tuple[str, str, str]:
+    """(folder, name, SHA-256 of config.json) of a local model folder; None is the engine's default model. The
+    name is the model card's, and both it and the hash are empty when the folder has no readable config.json."""
+    if model_dir:
+        folder = Path(model_dir).expanduser().resolve()
+    else:
+        from r1seg_core import default_model_path  # cheap: r1seg_core's package import loads no torch
+
+        folder = default_model_path()
+    try:
+        config = (folder / "config.json").read_bytes()
+    except OSError:
+        return str(folder), "", ""
+    try:
+        name = str(json.loads(config).get("card", {}).get("name", ""))
+    except ValueError:
+        name = ""
+    return str(folder), name, hashlib.sha256(config).hexdigest()
+
+
+def answer_record(volume_node, question: str, result, options: AskOptions, elapsed_s: float,
+                  model: tuple[str, str, str] | None = None) -> provenance.AnswerRecord:
+    """The provenance of one answer, without its segments (write_answer adds them). `model` is (folder, name,
+    config hash) when the model is not a local folder, e.g. a remote server's; else it is read from
+    `options.model_dir`."""
+    folder, name, digest = model or model_identity(options.model_dir)
+    return provenance.AnswerRecord(
+        question=question, answer=result.answer, model_folder=folder, model_name=name, config_sha256=digest,
+        profile=result.profile, overlap=options.overlap, loops=options.loops, sliding_window=options.sliding_window,
+        device=result.device, precision=options.dtype, elapsed_s=round(float(elapsed_s), 3),
+        date=datetime.datetime.now(datetime.timezone.utc).astimezone().isoformat(timespec="seconds"),
+        volume=volume_node.GetName() or "",
+    )
 
 
 class R1SegSession:
@@ -147,28 +193,34 @@ class R1SegSession:
 
     @staticmethod
     def _cache_key(options: AskOptions):
-        return (options.model_dir or None, options.device, options.dtype)
+        return (options.model_dir or None, options.device, options.dtype, options.profile)
 
     def _needs_loading(self, options: AskOptions) -> bool:
         return self._predictor is None or self._loaded_key != self._cache_key(options)
 
     def predictor(self, options: AskOptions):
-        """Load the model once per (folder, device, precision) and keep it."""
+        """Load the model once per (folder, device, precision, profile) and keep it."""
         key = self._cache_key(options)
+        model_dir, device, dtype, profile = key
         with self._predictor_lock:
             if self._needs_loading(options):
                 self._predictor = None  # let the old weights go before the new ones load
-                self._predictor = self._predictor_factory(*key)
+                # The profile is passed only when one is chosen, so scripted factories (tests, the self-test) may
+                # take just (folder, device, precision).
+                chosen = {} if profile == "auto" else {"profile": profile}
+                self._predictor = self._predictor_factory(model_dir, device, dtype, **chosen)
                 self._loaded_key = key
             return self._predictor
 
     def ask(self, volume, question: str, options: AskOptions, conversation=None, progress=None, cancel=None):
         if progress is not None and self._needs_loading(options):
-            progress(0, 0, "Loading the model")  # the first question waits for the weights
+            progress(0, 0, _("Loading the model"))  # the first question waits for the weights
         predictor = self.predictor(options)
         # Unset settings are left out rather than passed as None, so the predictor applies its own
         # defaults (None is not a valid overlap).
         tuning = {name: value for name, value in (("overlap", options.overlap), ("loops", options.loops)) if value is not None}
+        if not options.sliding_window:
+            tuning["sliding_window"] = False
         return predictor.ask(volume, question, conversation=conversation, progress=progress, cancel=cancel, **tuning)
 
     # ---- main thread: write --------------------------------------------------------------
@@ -184,8 +236,10 @@ class R1SegSession:
             self._vocabulary_loaded = True
         return self._vocabulary
 
-    def write_answer(self, volume_node, result) -> tuple[scene.SceneChange | None, list[FoundTarget]]:
-        """Write every non-empty target mask as a new segment; empty ones are listed, not written."""
+    def write_answer(self, volume_node, result, record: provenance.AnswerRecord | None = None
+                     ) -> tuple[scene.SceneChange | None, list[FoundTarget]]:
+        """Write every non-empty target mask as a new segment; empty ones are listed, not written. With a
+        `record`, the answer's provenance is stored beside its segments (an answer that wrote none keeps none)."""
         vocabulary = self.vocabulary()
         found = []
         specs = []
@@ -202,6 +256,10 @@ class R1SegSession:
         if not specs:
             return None, found
         change = scene.write_segments(volume_node, specs)
+        if record is not None:
+            segmentation_node = volume_node.GetScene().GetNodeByID(change.segmentation_node_id)
+            record = dataclasses.replace(record, segment_ids=change.segment_ids, segment_names=change.segment_names)
+            change = dataclasses.replace(change, record_node_id=provenance.add_record(segmentation_node, record).GetID())
         for entry, segment_id, segment_name in zip(written, change.segment_ids, change.segment_names):
             # The segment's actual name, e.g. "liver (2)" when the liver was asked for before.
             entry.name = segment_name
@@ -211,10 +269,14 @@ class R1SegSession:
 
     # ---- all of it, blocking -------------------------------------------------------------
 
-    def process(self, volume_node, question: str, options: AskOptions = AskOptions(), progress=None, cancel=None):
-        """Ask about a volume node and write the answer; returns (result, change, found targets)."""
+    def process(self, volume_node, question: str, options: AskOptions = AskOptions(), progress=None, cancel=None,
+                record: bool = False):
+        """Ask about a volume node and write the answer, with its provenance record when `record`; returns
+        (result, change, found targets)."""
+        started = time.monotonic()
         volume = self.volume_from_node(volume_node)
         conversation = self.conversation_for(volume_node.GetID())
         result = self.ask(volume, question, options, conversation, progress, cancel)
-        change, found = self.write_answer(volume_node, result)
+        answer = answer_record(volume_node, question, result, options, time.monotonic() - started) if record else None
+        change, found = self.write_answer(volume_node, result, answer)
         return result, change, found

@@ -102,6 +102,8 @@ class SceneChange:
     created_segmentation: bool
     segment_ids: tuple[str, ...]
     segment_names: tuple[str, ...] = field(default=())
+    # The answer's provenance record (a text node, see provenance.py), taken back with the segments.
+    record_node_id: str | None = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -336,19 +338,23 @@ def _subject_hierarchy(scene):
     return slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
 
 
-def _place_beside(segmentation_node, volume_node) -> None:
-    """Same subject-hierarchy parent (study) and same parent transform as the volume."""
-    scene = volume_node.GetScene()
-    hierarchy = _subject_hierarchy(scene)
-    volume_item = hierarchy.GetItemByDataNode(volume_node)
-    parent_item = hierarchy.GetItemParent(volume_item) if volume_item else hierarchy.GetSceneItemID()
-    segmentation_item = hierarchy.GetItemByDataNode(segmentation_node)
-    if segmentation_item:
-        hierarchy.SetItemParent(segmentation_item, parent_item)
+def place_in_same_study(node, reference_node) -> None:
+    """Give `node` the subject-hierarchy parent (study) of `reference_node`."""
+    hierarchy = _subject_hierarchy(reference_node.GetScene())
+    reference_item = hierarchy.GetItemByDataNode(reference_node)
+    parent_item = hierarchy.GetItemParent(reference_item) if reference_item else hierarchy.GetSceneItemID()
+    item = hierarchy.GetItemByDataNode(node)
+    if item:
+        hierarchy.SetItemParent(item, parent_item)
     else:
         # Inside Slicer a subject-hierarchy plugin creates the item when the node is added;
         # a headless scene has no plugins, so the item is created here.
-        hierarchy.CreateItem(parent_item, segmentation_node)
+        hierarchy.CreateItem(parent_item, node)
+
+
+def _place_beside(segmentation_node, volume_node) -> None:
+    """Same subject-hierarchy parent (study) and same parent transform as the volume."""
+    place_in_same_study(segmentation_node, volume_node)
     segmentation_node.SetAndObserveTransformNodeID(volume_node.GetTransformNodeID())
 
 
@@ -455,8 +461,11 @@ def write_segments(volume_node, segments, segmentation_node=None) -> SceneChange
 
 
 def revert_change(scene, change: SceneChange) -> None:
-    """Take one answer back: remove its segments, and its segmentation if it made it and it is now
-    empty. Segments the user already deleted are skipped."""
+    """Take one answer back: remove its segments and its provenance record, and its segmentation if it made it
+    and it is now empty. Segments the user already deleted are skipped."""
+    record_node = scene.GetNodeByID(change.record_node_id) if change.record_node_id else None
+    if record_node is not None:
+        scene.RemoveNode(record_node)
     segmentation_node = scene.GetNodeByID(change.segmentation_node_id)
     if segmentation_node is None:
         return

@@ -18,6 +18,7 @@ from r1seg_core.server import protocol
 from r1seg_core.server.client import ServerError, ServerUnreachable, job_error
 from r1seg_core.server.nrrd import mask_from_nrrd_bytes, volume_to_nrrd_bytes
 
+from .i18n import tr as _
 from .server_process import ServerProcessError
 from .worker import CancelledEvent, FailedEvent, FinishedEvent, ProgressEvent
 
@@ -42,11 +43,13 @@ class RemoteAnswer:
     notes: list[str] = field(default_factory=list)
     timings: dict = field(default_factory=dict)
     device: str = ""
+    profile: str = ""
 
 
 def server_options(options) -> dict:
-    """The engine.AskOptions a server takes per question (the model, device and precision are the server's)."""
-    return {"overlap": options.overlap, "loops": options.loops}
+    """The engine.AskOptions a server takes per question (the model, device, precision and profile are the
+    server's)."""
+    return {"overlap": options.overlap, "loops": options.loops, "sliding_window": options.sliding_window}
 
 
 def fetch_answer(client, job_id: str) -> RemoteAnswer:
@@ -54,7 +57,7 @@ def fetch_answer(client, job_id: str) -> RemoteAnswer:
     targets = [RemoteTarget(target["name"], mask_from_nrrd_bytes(client.mask(job_id, index)), float(target["volume_ml"]),
                             int(target["voxel_count"])) for index, target in enumerate(summary["targets"])]
     return RemoteAnswer(summary["answer"], bool(summary["present"]), targets, list(summary["notes"]),
-                        dict(summary["timings_s"]), summary["device"])
+                        dict(summary["timings_s"]), summary["device"], summary["profile"])
 
 
 def ask_blocking(client, volume, question: str, options, progress=None, conversation_id=None) -> RemoteAnswer:
@@ -111,9 +114,10 @@ class ServerQuestion:
         self.server_lost = lost
         if lost and isinstance(event, FailedEvent):
             reason = str(event.error).splitlines()[0]
-            restart = "the next question starts a new server" if self._server is not None else "check the server"
-            event = FailedEvent(self.id, ServerError(f"The R1Seg3D server stopped while answering ({reason}). "
-                                                     f"Nothing was added to the scene; {restart}."), event.traceback_text)
+            restart = _("the next question starts a new server") if self._server is not None else _("check the server")
+            message = _("The R1Seg3D server stopped while answering ({reason}). Nothing was added to the scene;"
+                        " {restart}.").format(reason=reason, restart=restart)
+            event = FailedEvent(self.id, ServerError(message), event.traceback_text)
         return [event]
 
     def _advance(self) -> list:
@@ -121,7 +125,7 @@ class ServerQuestion:
             return self._end(CancelledEvent(self.id))
         if self._client is None:
             if not self._server.poll_ready():
-                return self._progress(0, 0, "Starting the R1Seg3D server")
+                return self._progress(0, 0, _("Starting the R1Seg3D server"))
             self._client = self._server.client
         elif self._server is not None:
             self._server.check_alive()
@@ -142,10 +146,11 @@ class ServerQuestion:
                 self._server.kill()   # it did not stop in time: the next question starts a fresh one
                 return self._end(CancelledEvent(self.id), lost=True)
         if state == protocol.QUEUED:
-            return self._progress(0, 0, f"Waiting for the server ({status.get('position', 0)} ahead)")
+            ahead = status.get("position", 0)
+            return self._progress(0, 0, _("Waiting for the server ({ahead} ahead)").format(ahead=ahead))
         if state == protocol.LOADING:
-            return self._progress(0, 0, "Loading the model")
-        return self._progress(status["done"], status["total"], "Segmenting" if status["total"] else "Answering")
+            return self._progress(0, 0, _("Loading the model"))
+        return self._progress(status["done"], status["total"], _("Segmenting") if status["total"] else _("Answering"))
 
     def _submit(self) -> list:
         # Short, blocking transfers on the main thread: a thread of Slicer's would be starved (see module docstring).
@@ -156,7 +161,7 @@ class ServerQuestion:
         if self._cancel_requested_at is not None:
             self.cancel()
         self._volume = None   # the server has it
-        return self._progress(0, 0, "Sent to the server")
+        return self._progress(0, 0, _("Sent to the server"))
 
     def _progress(self, done, total, stage) -> list:
         if (done, total, stage) == self._last_progress:

@@ -41,11 +41,11 @@ def slicer_python() -> str:
 
 
 class LocalServer:
-    def __init__(self, model_dir: str | None = None, device: str = "auto", dtype: str = "auto",
+    def __init__(self, model_dir: str | None = None, device: str = "auto", dtype: str = "auto", profile: str = "auto",
                  threads: int | None = None, python: str | None = None, environment: dict | None = None):
-        self.key = (model_dir or None, device, dtype)
-        self._arguments = ["--device", device, "--dtype", dtype] + (["--model", model_dir] if model_dir else []) \
-            + (["--threads", str(threads)] if threads else [])
+        self.key = (model_dir or None, device, dtype, profile)
+        self._arguments = ["--device", device, "--dtype", dtype, "--profile", profile] \
+            + (["--model", model_dir] if model_dir else []) + (["--threads", str(threads)] if threads else [])
         self._python = python or slicer_python()
         self._environment = environment
         self._folder: Path | None = None
