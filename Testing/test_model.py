@@ -305,3 +305,24 @@ def test_overfitting_one_real_liver_window_halves_the_segmentation_loss(shared_c
         out.loss.backward()
         optimizer.step()
     assert seg_loss.item() < first / 2, f"Dice+BCE went from {first:.3f} to {seg_loss.item():.3f}"
+
+
+def test_named_trainable_groups_replace_the_stage_default():
+    """A recipe's `trainable` list (the paper: only the projector in stage 2, all three modules in stage 4)."""
+    model = small_model()
+    stage2 = set_trainable(model, 2, groups=["projector"])
+    assert stage2 == [n for n, _ in model.named_parameters() if n.startswith("projector.")] and stage2
+    assert not model.language_model.embed_tokens.weight.requires_grad
+    model.language_model.enable_lora(model.config.language_model.lora)
+    everything = ["image_encoder", "prompt_encoder", "mask_decoder", "lora", "projector", "segment_projector", "embeddings"]
+    stage4 = set(set_trainable(model, 4, groups=everything))
+    encoder = {n for n, _ in model.named_parameters() if n.startswith("image_encoder.")}
+    assert encoder and encoder <= stage4 and stage4 - encoder == set(set_trainable(model, 4))   # default: ViT frozen
+    assert not any("base_layer" in n for n in stage4), "the base LLM weights stay frozen"
+    with pytest.raises(InvalidInputError, match=r"unknown module groups \['vit'\].*can train \['image_encoder'"):
+        set_trainable(model, 4, groups=["vit"])
+    with pytest.raises(InvalidInputError, match="stage 1 can train"):
+        set_trainable(small_model("tiny-sam"), 1, groups=["lora"])       # the SAM mode has no LLM
+    sam = small_model("tiny-sam")
+    names = set_trainable(sam, 1, groups=["text_projection"])
+    assert names == [n for n, _ in sam.named_parameters() if n.startswith("text_encoder.dim_align.")] and names

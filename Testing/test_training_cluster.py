@@ -1,5 +1,5 @@
 """Cluster training: variables reaching the ranks of other nodes, recipe variables, the SLURM scripts, MSD label
-names, the bounded foreground cache, and stage 1's absent targets.
+names, the bounded foreground cache, stage 1's absent targets, and the validation sources' held-out rule.
 
 Nothing here trains: the launcher test starts a module that prints its environment, and the SLURM dry run puts
 recording stand-ins for srun and scontrol (which this machine does not have) on PATH.
@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
+import yaml
 
 from r1seg_core.errors import InvalidInputError
 from r1seg_core.model.r1seg3d import bce_loss, dice_loss
@@ -30,6 +31,7 @@ from training.data.prepared import FOREGROUND_CACHE_CASES, INDEX_NAME, PreparedC
 from training.data.samples import SampleKey, StageSamples
 from training.distributed import collective_timeout, rank_environment
 from training.recipe import load_recipe
+from training.validation import check_held_out
 
 REPO = Path(__file__).resolve().parents[1]
 TRAINING = REPO / "training"
@@ -282,3 +284,43 @@ def test_dice_and_bce_of_an_empty_target_match_the_hand_computation():
     expected = ((1 - 1 / (100 * p + 1)) + (1 - (2 * 100 * p + 1) / (100 * p + 100 + 1))) / 2
     assert dice_loss(logits, full).item() == pytest.approx(expected, rel=1e-6)
     assert torch.isfinite(dice_loss(torch.full((1, 10), -50.0), torch.zeros(1, 10)))
+
+
+# ---- validation during training: held-out sources --------------------------------------------------------------
+
+
+def recipe_with(tmp_path: Path, stage1: dict) -> Path:
+    recipe = tmp_path / "recipe"
+    shutil.copytree(TRAINING / "recipes" / "tiny", recipe)
+    settings = yaml.safe_load((recipe / "stage1.yaml").read_text())
+    (recipe / "stage1.yaml").write_text(yaml.safe_dump({**settings, **stage1}))
+    return recipe
+
+
+def test_a_validation_without_held_out_sources_is_refused(tmp_path):
+    with pytest.raises(InvalidInputError, match="validation_every_steps needs validation_sources"):
+        load_recipe(recipe_with(tmp_path / "a", {"validation_every_steps": 10}))
+    with pytest.raises(InvalidInputError, match=r"stage1\.yaml: sources \['nowhere'\] are not in data\.yaml"):
+        load_recipe(recipe_with(tmp_path / "b", {"validation_every_steps": 10, "validation_sources": ["nowhere"]}))
+    # Rank 0 validates alone, which ZeRO-3's sharded parameters do not allow.
+    zero3 = {"validation_every_steps": 10, "validation_sources": ["shared_ct"],
+             "deepspeed": {"zero_optimization": {"stage": 3}}}
+    with pytest.raises(InvalidInputError, match=r"stage1\.yaml: validation_every_steps needs ZeRO stage 0-2"):
+        load_recipe(recipe_with(tmp_path / "c", zero3))
+    load_recipe(recipe_with(tmp_path / "d", {**zero3, "deepspeed": {"zero_optimization": {"stage": 2}}}))
+
+
+def test_a_validation_case_that_training_also_reads_is_refused(tmp_path):
+    def source(name: str, cases: list[str], path: str):
+        for case in cases:
+            write_case(tmp_path / name / case, np.zeros((2, 2, 2)), np.ones((1, 2, 2, 2), np.uint8),
+                       {1: np.zeros((1, 3), np.int32)}, {"case_id": case})
+        (tmp_path / name / INDEX_NAME).write_text(json.dumps(
+            {"cases": cases, "preprocess": {}, "prepared_with": {"source": {"path": path}}}))
+        return open_source(tmp_path, name)
+
+    train = source("train", ["s1", "s2"], "/data/0011")
+    check_held_out([source("val", ["s3"], "/data/0011")], [train])           # held out: fine
+    check_held_out([source("other", ["s1"], "/data/0020")], [train])         # same id, another dataset: fine
+    with pytest.raises(InvalidInputError, match=r"'leaky' shares cases \['s2'\] with training source 'train'"):
+        check_held_out([source("leaky", ["s2", "s4"], "/data/0011")], [train])

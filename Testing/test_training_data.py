@@ -5,6 +5,7 @@ Fixtures are built in tmp_path from the real CTs in ../shared/data/ct.
 from __future__ import annotations
 
 import json
+import locale
 import shutil
 from pathlib import Path
 
@@ -353,3 +354,329 @@ def test_recipes_load_and_refuse_unknown_settings(tmp_path, monkeypatch):
     (broken / "stage2.yaml").write_text((broken / "stage2.yaml").read_text() + "learning_rat: 1.0\n")
     with pytest.raises(Exception, match=r"stage2.yaml.*learning_rat"):
         load_recipe(broken)
+
+
+# ---- trainable sets, epoch counting, the paper and original recipes ------------------------------------------------
+
+
+def test_a_recipe_names_its_trainable_groups_and_bad_names_are_refused(tmp_path):
+    recipe = tmp_path / "recipe"
+    shutil.copytree(REPO / "training" / "recipes" / "tiny", recipe)
+    assert load_recipe(recipe).stages[2].trainable is None                    # the stage's default set
+    stage2 = (recipe / "stage2.yaml").read_text()
+    (recipe / "stage2.yaml").write_text(stage2 + "trainable: [projector]\n")
+    assert load_recipe(recipe).stages[2].trainable == ["projector"]
+    (recipe / "stage2.yaml").write_text(stage2 + "trainable: [projector, vit]\n")
+    with pytest.raises(Exception, match=r"stage2.yaml.*unknown module groups \['vit'\].*can train \['image_encoder', "
+                                        r"'prompt_encoder', 'mask_decoder', 'projector', 'embeddings', 'lora', "
+                                        r"'segment_projector'\]"):
+        load_recipe(recipe)
+    (recipe / "stage2.yaml").write_text(stage2 + "samples_per_epoch: everything\n")
+    with pytest.raises(Exception, match=r"stage2.yaml: samples_per_epoch must be one of \['auto', 'original'\]"):
+        load_recipe(recipe)
+
+
+def test_memory_estimates_count_the_recipe_trainable_set():
+    import torch
+
+    from r1seg_core.model import build_model, preset_config
+    from training.memory import stage_counts
+
+    torch.manual_seed(0)
+    model = build_model(preset_config("tiny-llama"))
+    projector = sum(p.numel() for p in model.projector.parameters())
+    encoder = sum(p.numel() for p in model.image_encoder.parameters())
+    assert stage_counts("tiny-llama", 2, ["projector"]).trained == projector
+    default_4 = stage_counts("tiny-llama", 4).trained
+    assert stage_counts("tiny-llama", 4, ["image_encoder", "prompt_encoder", "mask_decoder", "lora", "projector",
+                                          "segment_projector", "embeddings"]).trained == default_4 + encoder
+
+
+RECIPES_TABLE = "Paper and original recipes"
+
+
+def _recipe_table() -> list[dict]:
+    """The rows of training/README.md's table of paper-phi3 vs original-phi3 values."""
+    text = (REPO / "training" / "README.md").read_text()
+    section = text[text.index(f"## {RECIPES_TABLE}"):]
+    rows = []
+    for line in section.splitlines()[1:]:
+        if line.startswith("## "):
+            break
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("| `") and len(cells) == 5:
+            key, paper, original = (c.strip("`") for c in cells[:3])
+            rows.append({"key": key, "paper-phi3": paper, "original-phi3": original})
+    return rows
+
+
+def _recipe_value(recipe, key: str):
+    part, *path = key.split(".")
+    node = recipe.model_config() if part == "model" else recipe.stages[int(part[len("stage"):])]
+    for name in path:
+        node = getattr(node, name)
+    return node
+
+
+def _flat(node, prefix: str) -> dict:
+    import dataclasses
+
+    if dataclasses.is_dataclass(node):
+        node = {f.name: getattr(node, f.name) for f in dataclasses.fields(node)}
+    if isinstance(node, dict):
+        return {k: v for key, value in node.items() for k, v in _flat(value, f"{prefix}.{key}").items()}
+    return {prefix: node}
+
+
+def test_paper_and_original_recipes_hold_the_values_the_readme_table_gives(tmp_path, monkeypatch):
+    import yaml
+
+    monkeypatch.setenv("R1SEG_MODELS", str(tmp_path / "models"))
+    monkeypatch.setenv("R1SEG_DATA", str(tmp_path / "data"))
+    recipes = {name: load_recipe(REPO / "training" / "recipes" / name) for name in ("paper-phi3", "original-phi3")}
+    rows = _recipe_table()
+    assert len(rows) >= 10
+    for row in rows:
+        for name, recipe in recipes.items():
+            assert _recipe_value(recipe, row["key"]) == yaml.safe_load(row[name]), (row["key"], name)
+    # Every value on which the two recipes differ is a row of the table.
+    differing = set()
+    paper, original = recipes["paper-phi3"], recipes["original-phi3"]
+    for stage in (1, 2, 3, 4):
+        a, b = _flat(paper.stages[stage], f"stage{stage}"), _flat(original.stages[stage], f"stage{stage}")
+        differing |= {k for k in a if a[k] != b[k]}
+    a, b = _flat(paper.model_config().to_dict(), "model"), _flat(original.model_config().to_dict(), "model")
+    differing |= {k for k in a if a[k] != b[k] and not k.startswith("model.card")}
+    assert differing and differing <= {row["key"] for row in rows}, differing - {row["key"] for row in rows}
+
+
+def _write_prepared(folder: Path, name: str, cases: dict[str, tuple[list[str], list[str]]]) -> None:
+    """A prepared source whose cases hold the given (present, absent) structures."""
+    from training.data.prepared import INDEX_NAME, write_case
+
+    for case_id, (present, absent) in cases.items():
+        layers = np.zeros((1, 4, 4, 4), np.uint8)
+        structures = []
+        for index, structure in enumerate(present, start=1):
+            layers[0, index - 1] = index
+            structures.append({"index": index, "name": structure, "voxels": 16})
+        write_case(folder / name / case_id, np.zeros((4, 4, 4)), layers,
+                   {s["index"]: np.argwhere(layers[0] == s["index"]).astype(np.int32) for s in structures},
+                   {"case_id": case_id, "shape_zyx": [4, 4, 4], "structures": structures, "absent": absent})
+    (folder / name / INDEX_NAME).write_text(json.dumps({"cases": sorted(cases), "preprocess": {}}))
+
+
+def test_an_original_epoch_counts_absent_pairs_and_the_prompt_variants(tmp_path):
+    from training.train import samples_per_epoch
+
+    _write_prepared(tmp_path, "a", {"c1": (["liver", "spleen"], ["left kidney"]), "c2": (["liver"], ["spleen", "left kidney"])})
+    _write_prepared(tmp_path, "b", {"c3": (["aorta"], [])})
+    sources = [open_source(tmp_path, "a"), open_source(tmp_path, "b")]
+    recipe = load_recipe(REPO / "training" / "recipes" / "tiny")
+    counts = {}
+    for stage in (1, 3):
+        config = recipe.stages[stage]
+        for count in ("auto", "original", 50):
+            config.samples_per_epoch = count
+            counts[stage, count] = samples_per_epoch(config, sources)
+    # By hand: present pairs 2 + 1 + 1 = 4; annotated pairs (3 + 3) + 1 = 7; stages 2-4 ask by name and by description.
+    assert counts == {(1, "auto"): 4, (1, "original"): 7, (1, 50): 50, (3, "auto"): 4, (3, "original"): 14, (3, 50): 50}
+
+
+# ---- converting the published dataset layouts (training/data/convert.py) ------------------------------------------
+# Each download is rebuilt in miniature in its published layout (as training/data/convert.py's entries cite: the
+# datasets' READMEs and challenge pages), converted, and prepared by the project's reader; label values are named
+# as each dataset's own documentation lists them.
+
+CT_SHAPE, CT_SPACING = (8, 20, 24), (1.0, 1.0, 2.0)       # (z, y, x) voxels; (x, y, z) mm
+
+
+def ct_and_labels(values: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """A CT in HU (air around a 40 HU body) and a label map with one 2 x 4 x 4 block per value, at 100 + value HU in
+    the CT so that a label's voxels can be found in a converted CT; value k's block lies at x = 4 (k - 1) onwards
+    unless it is the second of LUNA16's lungs."""
+    ct = np.full(CT_SHAPE, -1000, np.int16)
+    ct[1:-1, 2:-2, 1:-1] = 40
+    labels = np.zeros(CT_SHAPE, np.uint8)
+    for k, value in enumerate(values):
+        block = (slice(3, 5), slice(8, 12), slice(1 + 5 * k, 5 + 5 * k))
+        labels[block], ct[block] = value, 100 + value
+    return ct, labels
+
+
+def write_volume(array: np.ndarray, path: Path) -> Path:
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing(CT_SPACING)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sitk.WriteImage(image, str(path), useCompression=path.suffix != ".mhd")
+    return path
+
+
+def write_dicom_slices(array: np.ndarray, folder: Path, names: list[str]) -> None:
+    """One DICOM file per axial slice (slice k at z = 2 k mm), named `names[k]`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    # ITK's GDCM writer leaves the process in the "C" locale (Python's text encoding becomes ASCII), so later tests
+    # that decode UTF-8 output would fail: put the locale back.
+    saved_locale = locale.setlocale(locale.LC_ALL)
+    try:
+        _write_dicom_slices(array, folder, names)
+    finally:
+        locale.setlocale(locale.LC_ALL, saved_locale)
+
+
+def _write_dicom_slices(array: np.ndarray, folder: Path, names: list[str]) -> None:
+    writer = sitk.ImageFileWriter()
+    writer.SetImageIO("GDCMImageIO")                  # 3D-IRCADb's slice files have no extension
+    writer.KeepOriginalImageUIDOn()
+    for k, name in enumerate(names):
+        image = sitk.GetImageFromArray(array[k:k + 1].astype(np.int16))
+        image.SetSpacing(CT_SPACING)
+        image.SetOrigin((0.0, 0.0, CT_SPACING[2] * k))
+        for tag, value in {"0008|0060": "CT", "0020|000d": "1.2.3", "0020|000e": "1.2.3.4", "0020|0013": str(k + 1),
+                           "0020|0032": f"0\\0\\{CT_SPACING[2] * k}", "0020|0037": "1\\0\\0\\0\\1\\0",
+                           "0018|0050": str(CT_SPACING[2])}.items():
+            image.SetMetaData(tag, value)
+        writer.SetFileName(str(folder / name))
+        writer.Execute(image)
+
+
+# Per dataset: the case ids to lay out (and those the conversion keeps), and label value -> the name the dataset's
+# documentation gives it, as the vocabulary spells it.
+PUBLISHED = {
+    "0002": (["amos_0001", "amos_0507"], ["amos_0001"], {1: "spleen", 6: "liver"}),     # 0507: an MRI case
+    "0003": (["00001", "00002"], None, {1: "liver", 4: "pancreas"}),
+    "0004": (["case_00000", "case_00001"], None, {2: "kidney tumor", 3: "kidney cyst"}),
+    "0005": (["001", "002"], None, {2: "kidney", 3: "renal artery"}),
+    "0006": (["case_00000", "case_00001"], None, {1: "kidney", 2: "kidney tumor"}),
+    "0007": (["0001", "0002"], None, {1: "spleen", 6: "liver"}),
+    "0008": (["0001", "0002"], None, {1: "pancreas"}),
+    "0010": (["0001", "0002"], None, {1: "liver", 13: "left kidney"}),
+    "0012": (["0", "1"], None, {1: "liver", 6: "brain"}),
+    "0013": (["word_0001", "word_0002"], None, {1: "liver", 2: "spleen"}),
+    "0014": (["sub-verse004", "sub-verse005"], None, {20: "vertebra l1", 21: "vertebra l2"}),
+    "0015": (["sub-gl003_dir-ax", "sub-verse506_dir-iso"], None, {20: "vertebra l1", 28: "vertebra t13"}),
+    "0016": (["001", "002"], None, {1: "liver"}),
+    "0024": (["1.3.6.1.4.1.14519.5.2.1.6279.6001.100225287222365663678666836860", "1.3.6.1.4.2"], None,
+             {4: "right lung", 3: "left lung", 5: "trachea"}),      # left lung (3) at larger x: the patient's left
+}
+
+
+def _lay_out(pattern: str, case_id: str) -> str:
+    return pattern.replace("{id}", case_id).replace("*", "part1")
+
+
+def prepare_converted(tmp_path: Path, code: str, output: Path, layout: str = "msd", **source) -> tuple[dict, dict]:
+    spec = SourceSpec.from_dict({"name": code, "layout": layout, "path": str(output), **source}, tmp_path)
+    index = prepare_source(spec, PREPROCESS, tmp_path / "data")
+    metas = {case: json.loads((tmp_path / "data" / code / case / "case.json").read_text()) for case in index["cases"]}
+    return index, metas
+
+
+@pytest.mark.parametrize("code", sorted(PUBLISHED))
+def test_conversion_of_image_and_label_pairs(tmp_path, code):
+    from training.data.convert import PAIRS, convert
+
+    ids, kept, names = PUBLISHED[code]
+    spec, root = PAIRS[code], tmp_path / "download"
+    ct, labels = ct_and_labels(list(names))
+
+    def write_ct(case_id: str) -> None:
+        image = root / _lay_out(spec.image, case_id)
+        if code == "0008":
+            write_dicom_slices(ct, image, [f"1-{k + 1:03d}.dcm" for k in range(len(ct))])      # TCIA's DICOM folder
+        else:
+            write_volume(ct, image)
+
+    for case_id in ids:
+        write_ct(case_id)
+        write_volume(labels, root / _lay_out(spec.label, case_id))
+    write_ct("unlabelled")                                                  # e.g. a test case: left out
+    result = convert(code, root, tmp_path / code)
+    assert result["cases"] == len(kept or ids)
+    index, metas = prepare_converted(tmp_path, code, tmp_path / code)
+    assert index["cases"] == sorted(kept or ids) and not index["problems"]
+    for meta in metas.values():
+        assert sorted(s["name"] for s in meta["structures"]) == sorted(names.values())
+
+
+def test_luna16_conversion_refuses_lungs_named_the_wrong_way_round(tmp_path):
+    from training.data.convert import PAIRS, convert
+
+    ct, labels = ct_and_labels([3, 4])             # value 3 at smaller x: the patient's right
+    write_volume(ct, tmp_path / "dl" / "subset0" / "1.2.mhd")
+    write_volume(labels, tmp_path / "dl" / "seg-lungs-LUNA16" / "1.2.mhd")
+    with pytest.raises(Exception, match="'left lung' lies on the patient's right"):
+        convert("0024", tmp_path / "dl", tmp_path / "0024")
+    assert PAIRS["0024"].labels == {3: "left lung", 4: "right lung", 5: "trachea"}
+
+
+def test_conversion_of_a_download_in_another_layout_says_what_it_looked_for(tmp_path):
+    from training.data.convert import main
+
+    (tmp_path / "dl" / "images").mkdir(parents=True)
+    assert main(["0007", str(tmp_path / "dl"), str(tmp_path / "out")]) == 1
+    with pytest.raises(Exception, match=r"no BTCV image matches RawData/Training/img/img\{id\}.nii.gz"):
+        from training.data.convert import convert
+        convert("0007", tmp_path / "dl", tmp_path / "out")
+    with pytest.raises(Exception, match="no conversion for '0011'"):
+        convert("0011", tmp_path / "dl", tmp_path / "out")
+
+
+def test_hanseg_conversion_links_the_organ_files_as_mask_folders(tmp_path):
+    from training.data.convert import convert
+
+    ct, labels = ct_and_labels([1, 2, 3])
+    case = tmp_path / "HaN-Seg" / "set_1" / "case_01"
+    write_volume(ct, case / "case_01_IMG_CT.nrrd")
+    write_volume(ct, case / "case_01_IMG_MR_T1.nrrd")
+    for value, organ in ((1, "A_Carotid_L"), (2, "Glottis"), (3, "SpinalCord")):
+        write_volume((labels == value).astype(np.uint8), case / f"case_01_OAR_{organ}.seg.nrrd")
+    assert convert("0001", tmp_path / "HaN-Seg", tmp_path / "0001")["cases"] == 1
+    index, metas = prepare_converted(tmp_path, "0001", tmp_path / "0001", layout="mask_folders", image_name="ct.nrrd")
+    assert index["cases"] == ["case_01"]
+    assert sorted(s["name"] for s in metas["case_01"]["structures"]) == ["glottis", "left carotid artery", "spinal cord"]
+
+
+def test_chaos_conversion_pairs_png_masks_with_dicom_slices_by_file_name(tmp_path):
+    from training.data.convert import convert
+
+    ct, labels = ct_and_labels([1])
+    ct[5, 2:6, 2:6], labels[5, 2:6, 2:6] = 101, 1         # a second liver piece in another slice
+    case = tmp_path / "CHAOS_Train_Sets" / "Train_Sets" / "CT" / "1"
+    # The file names run against the slice positions, so name order and position order differ.
+    names = [f"i{len(ct) - 1 - k:04d},0000b.dcm" for k in range(len(ct))]
+    write_dicom_slices(ct, case / "DICOM_anon", names)
+    (case / "Ground").mkdir()
+    for k, name in enumerate(names):                      # liver_GT_<n>.png belongs to the n-th file by name
+        png = case / "Ground" / f"liver_GT_{sorted(names).index(name):03d}.png"
+        sitk.WriteImage(sitk.GetImageFromArray((labels[k] * 255).astype(np.uint8)), str(png))
+    assert convert("0000", tmp_path / "CHAOS_Train_Sets", tmp_path / "0000")["cases"] == 1
+    converted_ct = read(tmp_path / "0000" / "imagesTr" / "1.nii.gz")
+    converted_liver = read(tmp_path / "0000" / "labelsTr" / "1.nii.gz")
+    assert converted_liver.sum() == labels.sum() and set(converted_ct[converted_liver > 0]) == {101}
+    index, metas = prepare_converted(tmp_path, "0000", tmp_path / "0000")
+    assert [s["name"] for s in metas["1"]["structures"]] == ["liver"]
+
+
+def test_ircadb_conversion_joins_numbered_masks_from_zipped_dicom(tmp_path):
+    import zipfile
+
+    from training.data.convert import convert
+
+    ct, labels = ct_and_labels([1, 2, 3, 4])
+    patient = tmp_path / "3Dircadb1" / "3Dircadb1.1"
+    scratch = tmp_path / "scratch"
+    slices = [f"image_{k}" for k in range(len(ct))]
+    write_dicom_slices(ct, scratch / "PATIENT_DICOM", slices)
+    for value, folder in ((1, "liver"), (2, "livertumor01"), (3, "livertumor02"), (4, "portalvein")):
+        write_dicom_slices((labels == value) * 255, scratch / "MASKS_DICOM" / folder, slices)
+    patient.mkdir(parents=True)
+    for part in ("PATIENT_DICOM", "MASKS_DICOM"):         # the download ships each as a zip
+        with zipfile.ZipFile(patient / f"{part}.zip", "w") as archive:
+            for path in sorted((scratch / part).rglob("*")):
+                archive.write(path, path.relative_to(scratch))
+    assert convert("0009", tmp_path / "3Dircadb1", tmp_path / "0009")["cases"] == 1
+    tumour = read(tmp_path / "0009" / "3Dircadb1.1" / "segmentations" / "liver tumor.nii.gz")
+    assert tumour.sum() == ((labels == 2) | (labels == 3)).sum()
+    index, metas = prepare_converted(tmp_path, "0009", tmp_path / "0009", layout="mask_folders")
+    assert sorted(s["name"] for s in metas["3Dircadb1.1"]["structures"]) == ["liver", "liver tumor", "portal vein"]

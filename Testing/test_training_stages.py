@@ -1,8 +1,9 @@
 """The four training stages end to end on the CPU: two gloo ranks started by DeepSpeed's own launcher, the real
 DeepSpeed engine (ZeRO-2), crops of the real CTs in ../shared/data/ct, a few steps per stage.
 
-One run of training/run_stages.sh (module fixture) serves the loss, handover, export and skip tests; the resume
-test kills a second run of stage 3 after a checkpoint and checks that resuming lands on the same weights.
+One run of training/run_stages.sh (module fixture) serves the loss, handover, export, skip, validation and
+throughput tests; the resume test kills a second run of stage 3 after a checkpoint, checks that one rank refuses
+to resume the two ranks' checkpoint, and that resuming on two ranks lands on the same weights.
 """
 from __future__ import annotations
 
@@ -27,22 +28,30 @@ from r1seg_core.model import R1Seg3D
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 8
 SAVE_EVERY = 2
+VALIDATE_EVERY = 4
+# The held-out case: the split file keeps it out of the training source and gives it to the validation source.
+TRAIN_CASES = ["ts_abdomen_3mm", "ts_dicom_series", "ts_aorta_cta", "ts_heart_cta"]
+VALIDATION_CASES = ["ts_upper_abdomen_3mm"]
 pytestmark = pytest.mark.slow
 
 
 def short_recipe(folder: Path, shared_ct: Path) -> Path:
-    """The tiny recipe, pointed at the shared CTs, with STEPS steps per stage."""
+    """The tiny recipe, pointed at the shared CTs, with STEPS steps per stage and a validation every VALIDATE_EVERY."""
     recipe = folder / "recipe"
     for source in (REPO / "training" / "recipes" / "tiny").iterdir():
         (recipe / source.name).parent.mkdir(parents=True, exist_ok=True)
         (recipe / source.name).write_bytes(source.read_bytes())
     data = yaml.safe_load((recipe / "data.yaml").read_text())
     data["sources"][0]["path"] = str(shared_ct / "manifest.json")
+    (recipe / "split.json").write_text(json.dumps({"train": TRAIN_CASES, "validation": VALIDATION_CASES}))
+    data["sources"].append({**data["sources"][0], "name": "held_out", "split_file": "split.json", "split": "validation"})
+    del data["sources"][-1]["cases"]
     (recipe / "data.yaml").write_text(yaml.safe_dump(data))
     for stage in (1, 2, 3, 4):
         path = recipe / f"stage{stage}.yaml"
         config = yaml.safe_load(path.read_text())
-        config.update(max_steps=STEPS, save_every_steps=SAVE_EVERY)
+        config.update(max_steps=STEPS, save_every_steps=SAVE_EVERY, validation_every_steps=VALIDATE_EVERY,
+                      validation_sources=["held_out"], validation_windows=2)
         path.write_text(yaml.safe_dump(config))
     return recipe
 
@@ -52,9 +61,9 @@ def environment() -> dict:
             "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
 
 
-def launch(stage: int, recipe: Path, output: Path, data: Path) -> list[str]:
-    """DeepSpeed's launcher (what the `deepspeed` command runs) with two CPU ranks, for one stage."""
-    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
+def launch(stage: int, recipe: Path, output: Path, data: Path, ranks: int = 2) -> list[str]:
+    """DeepSpeed's launcher (what the `deepspeed` command runs) with `ranks` CPU ranks, for one stage."""
+    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--master_port", str(free_port()),
             "--module", "training.train", "--stage", str(stage), "--recipe", str(recipe), "--output", str(output),
             "--data", str(data)]
 
@@ -81,9 +90,13 @@ def trained(tmp_path_factory, shared_ct):
     return root / "run", recipe
 
 
-def losses(run: Path, stage: int) -> list[float]:
+def metrics(run: Path, stage: int) -> list[dict]:
     with (run / f"stage{stage}" / "metrics.csv").open() as handle:
-        return [float(row["loss"]) for row in csv.DictReader(handle)]
+        return list(csv.DictReader(handle))
+
+
+def losses(run: Path, stage: int) -> list[float]:
+    return [float(row["loss"]) for row in metrics(run, stage)]
 
 
 def weights(folder: Path) -> dict[str, np.ndarray]:
@@ -152,6 +165,15 @@ def test_resume_after_kill_matches_the_uninterrupted_run(trained, tmp_path):
         first.wait()
     killed_at = int(latest.read_text().strip().removeprefix("step"))
     assert killed_at < STEPS and not (output / "stage3" / "model").exists()
+    # One rank cannot take over two ranks' checkpoint (ZeRO-2 shards, per-rank samples): refused, naming both counts.
+    refused = subprocess.run(launch(3, recipe, output, run / "data", ranks=1), cwd=REPO, env=environment(),
+                             capture_output=True, text=True, timeout=300)
+    message = refused.stdout + refused.stderr
+    assert refused.returncode != 0
+    assert "written by 2 ranks (micro-batch 2 x accumulation 1: 4 samples per step)" in message, message[-3000:]
+    assert "this run has 1 rank (micro-batch 2 x accumulation 1: 2 samples per step)" in message
+    assert "Rerun with 2 ranks (--nproc 2" in message
+    assert latest.read_text().strip() == f"step{killed_at:07d}"
     second = subprocess.run(command, cwd=REPO, env=environment(), capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert f"resumed from step {killed_at} of {STEPS}" in second.stdout
@@ -161,6 +183,8 @@ def test_resume_after_kill_matches_the_uninterrupted_run(trained, tmp_path):
         np.testing.assert_allclose(resumed[key], uninterrupted[key], rtol=1e-5, atol=1e-6, err_msg=key)
     curve = losses(output, 3)
     assert len(curve) == STEPS and np.allclose(curve, losses(run, 3), rtol=1e-5)
+    # The validation windows are fixed, so the resumed run's final validation scores the same.
+    assert float(metrics(output, 3)[-1]["val_dice"]) == pytest.approx(float(metrics(run, 3)[-1]["val_dice"]), abs=1e-4)
 
 
 def test_zero2_matches_plain_data_parallel_when_only_some_samples_have_masks(trained, tmp_path):
@@ -195,3 +219,55 @@ def test_a_failing_stage_stops_the_run_with_a_clear_message(trained, tmp_path):
     assert result.returncode == 1
     assert "stage 1 FAILED" in result.stderr and "no-such-model" in (tmp_path / "run" / "stage1" / "train.log").read_text()
     assert not (tmp_path / "run" / "stage2").exists()
+
+
+def test_validation_dice_is_logged_beside_the_loss_and_matches_a_recomputation(trained):
+    import torch
+    from monai.metrics import DiceMetric
+
+    run, _ = trained
+    for stage in (1, 3, 4):
+        validated = [(int(row["step"]), float(row["val_dice"])) for row in metrics(run, stage) if row["val_dice"]]
+        assert [step for step, _ in validated] == [VALIDATE_EVERY, STEPS]
+        assert all(0.0 <= dice <= 1.0 for _, dice in validated)
+    assert not any(row["val_dice"] for row in metrics(run, 2))          # stage 2 trains no mask
+    saved = np.load(run / "stage1" / "validation.npz")
+    assert int(saved["step"]) == STEPS and list(saved["cases"]) == ["held_out/ts_upper_abdomen_3mm"] * 2
+    predictions, labels = saved["predictions"], saved["labels"]
+    assert labels.shape == (2, 32, 128, 128) and labels.any(axis=(1, 2, 3)).all()
+    # MONAI's Dice of the kept masks is the logged one ...
+    monai_dice = DiceMetric(include_background=True, reduction="mean")(
+        torch.from_numpy(predictions[:, None]).float(), torch.from_numpy(labels[:, None]).float())
+    assert float(metrics(run, 1)[-1]["val_dice"]) == pytest.approx(float(monai_dice.mean()), abs=1e-6)
+    # ... and the kept masks are what the exported stage-1 model (the final step's weights) answers on the windows.
+    model = R1Seg3D.from_pretrained(run / "stage1" / "model").eval()
+    with torch.no_grad():
+        segmentation, _ = model.segment_with_text(torch.from_numpy(saved["images"].astype(np.float32))[:, None],
+                                                  [str(name) for name in saved["names"]])
+    again = (torch.sigmoid(segmentation.logits[:, 0]) >= 0.5).numpy()
+    assert (again == predictions).mean() > 0.9999
+
+
+def test_throughput_eta_and_peak_memory_are_logged(trained):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run, _ = trained
+    samples_per_step = 2 * 1 * 2                    # micro-batch x accumulation x ranks
+    for stage in (1, 2, 3, 4):
+        rows = metrics(run, stage)
+        seconds = np.array([float(r["seconds"]) for r in rows])
+        rate = np.array([float(r["samples_per_s"]) for r in rows])
+        eta = np.array([float(r["eta_s"]) for r in rows])
+        peak = np.array([float(r["peak_memory_gib"]) for r in rows])
+        assert (seconds > 0).all() and (rate > 0).all()
+        np.testing.assert_allclose(rate * seconds, samples_per_step, rtol=1e-6)
+        assert eta[-1] == 0 and eta[0] > eta[-2] > 0                    # counts down to 0 at the last step
+        # A running maximum of a CPU process's resident set: a few hundred MB for the tiny model, never falling.
+        assert 0.1 < peak[0] and peak[-1] < 8 and (np.diff(peak) >= 0).all()
+        events = EventAccumulator(str(run / f"stage{stage}" / "tensorboard"))
+        events.Reload()
+        logged = set(events.Tags()["scalars"])
+        assert {f"stage{stage}/{key}" for key in ("samples_per_s", "eta_s", "peak_memory_gib")} <= logged
+    events = EventAccumulator(str(run / "stage1" / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("stage1/val_dice")] == [VALIDATE_EVERY, STEPS]

@@ -81,6 +81,12 @@ def mean_over_ranks(values: torch.Tensor) -> torch.Tensor:
     return values / torch.distributed.get_world_size()
 
 
+def max_over_ranks(value: float, device: torch.device) -> float:
+    bound = torch.tensor([value], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(bound, op=torch.distributed.ReduceOp.MAX)
+    return float(bound)
+
+
 def require_same_on_all_ranks(value: int, device: torch.device, what: str) -> None:
     """Fail loudly when ranks disagree on `value`: under ZeRO-2 the step would silently mix up gradients."""
     bounds = torch.tensor([value, -value], dtype=torch.float64, device=device)

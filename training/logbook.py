@@ -1,4 +1,12 @@
-"""Loss curves (CSV and TensorBoard) and progress, written by rank 0.
+"""Loss curves, validation Dice, throughput, ETA and memory (CSV and TensorBoard) and progress, written by rank 0.
+
+    val_dice         mean Dice of the validation windows (training/validation.py), on the steps that validate
+    seconds          this optimizer step's wall time (validation and checkpoints excluded)
+    samples_per_s    samples of all ranks per second of that step
+    eta_s            time left in the stage: the mean time of this process's steps so far, validations and
+                     checkpoints included, times the steps left
+    peak_memory_gib  the largest peak over the ranks: GPU memory allocated by tensors (torch.cuda.max_memory_allocated),
+                     or on a CPU run the process's maximum resident set
 
 After a resume the rows past the checkpoint are dropped from the CSV and TensorBoard purges its events past it,
 so each curve shows every step once.
@@ -7,9 +15,12 @@ from __future__ import annotations
 
 import csv
 import sys
+from datetime import timedelta
 from pathlib import Path
 
-COLUMNS = ("step", "epoch", "samples", "loss", "loss_lm", "loss_dice", "loss_bce", "lr", "grad_norm", "seconds")
+COLUMNS = ("step", "epoch", "samples", "loss", "loss_lm", "loss_dice", "loss_bce", "val_dice", "lr", "grad_norm",
+           "seconds", "samples_per_s", "eta_s", "peak_memory_gib")
+SCALARS = COLUMNS[3:]           # the TensorBoard curves, over the step
 
 
 class Logbook:
@@ -41,15 +52,24 @@ class Logbook:
         with self.csv_path.open("a", newline="") as handle:
             csv.DictWriter(handle, COLUMNS).writerow(row)
         step = values["step"]
-        for key in COLUMNS[3:-1]:
+        for key in SCALARS:
             if values.get(key) is not None:
                 self.tensorboard.add_scalar(f"stage{self.stage}/{key}", values[key], step)
+        validated = values.get("val_dice") is not None
         self.bar.update(1)
-        self.bar.set_postfix(loss=f"{values['loss']:.4f}")
-        if self.bar.disable and (step % self.log_every == 0 or step == self.total_steps):
+        # The bar shows its own rate and ETA; the postfix adds the rest.
+        postfix = {"loss": f"{values['loss']:.4f}", "samples/s": f"{values['samples_per_s']:.2f}",
+                   "peak": f"{values['peak_memory_gib']:.2f} GiB"}
+        if validated:
+            postfix["val_dice"] = f"{values['val_dice']:.3f}"
+        self.bar.set_postfix(postfix)
+        if self.bar.disable and (step % self.log_every == 0 or step == self.total_steps or validated):
+            validation = f" val_dice {values['val_dice']:.4f}" if validated else ""
             print(f"[stage {self.stage}] step {step}/{self.total_steps} loss {values['loss']:.4f} "
-                  f"(lm {values['loss_lm']:.4f} dice {values['loss_dice']:.4f} bce {values['loss_bce']:.4f}) "
-                  f"lr {values['lr']:.2e} {values['seconds']:.2f} s/step", flush=True)
+                  f"(lm {values['loss_lm']:.4f} dice {values['loss_dice']:.4f} bce {values['loss_bce']:.4f})"
+                  f"{validation} lr {values['lr']:.2e} {values['seconds']:.2f} s/step "
+                  f"{values['samples_per_s']:.2f} samples/s ETA {timedelta(seconds=round(values['eta_s']))} "
+                  f"peak {values['peak_memory_gib']:.2f} GiB", flush=True)
 
     def close(self) -> None:
         self.tensorboard.close()

@@ -1,9 +1,10 @@
 """Estimated GPU memory per stage and LLM (what training/README.md tabulates): arithmetic, not a measurement.
 
-    python -m training.memory --gpus 8 [--checkpointing]
+    python -m training.memory --gpus 8 [--checkpointing]                      # every preset, default trainable sets
+    python -m training.memory --gpus 8 --recipe training/recipes/paper-phi3   # a recipe's preset, sets and batches
 
 Parameter counts are exact: each preset is built on the `meta` device and `set_trainable` picks each stage's
-set. The rest follows ZeRO-2 with bf16 weights and AdamW:
+set (the recipe's `trainable` groups, or the default). The rest follows ZeRO-2 with bf16 weights and AdamW:
 - weights: every parameter in bf16 on every GPU (ZeRO-2 does not shard parameters);
 - gradients: bf16, sharded over the GPUs, plus one full gradient of the largest trained tensor while it is
   reduced (the token embedding from stage 2 on);
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
+from pathlib import Path
 
 GIB = 1024 ** 3
 SEQUENCE = 350            # 256 visual tokens + question (implicit descriptions are the longest) + answer
@@ -34,6 +36,7 @@ ENCODER_TOKENS, ENCODER_LAYERS = 2048, 12
 # 96 x 32x64x64, with their norms and activations, and the text-similarity product).
 DECODER_BYTES_PER_PASS = 118e6
 CLIP_TEXT_PARAMETERS = 63_165_952      # CLIP ViT-B/32 text tower (CLIPTextModel(CLIPTextConfig()))
+STAGE_1_PARTS = ("image_encoder", "prompt_encoder", "mask_decoder")
 
 
 @dataclass
@@ -43,22 +46,25 @@ class Counts:
     largest_trained: int
 
 
-def stage_counts(preset: str, stage: int) -> Counts:
+def stage_counts(preset: str, stage: int, groups: list[str] | None = None) -> Counts:
+    """Total, trained and largest trained parameter counts of a stage training `groups` (None: the default set)."""
     import torch
 
     from r1seg_core.model.builder import build_model, preset_config
-    from r1seg_core.model.stages import set_trainable
+    from r1seg_core.model.stages import set_trainable, trainable_groups
 
+    groups = trainable_groups(stage, groups)
     with torch.device("meta"):
         model = build_model(preset_config(preset), tokenizer=False)
-        if stage >= 3:
+        if "lora" in groups:
             model.language_model.enable_lora(model.config.language_model.lora)
     if stage == 1:
         # The SAM mode: the LLM side is replaced by the frozen CLIP text tower and a 512 -> 768 projection.
-        parts = [model.image_encoder, model.prompt_encoder, model.mask_decoder]
-        trained = [p.numel() for part in parts for p in part.parameters()] + [512 * 768 + 768]
-        return Counts(sum(trained) + CLIP_TEXT_PARAMETERS, sum(trained), max(trained))
-    set_trainable(model, stage)
+        trained = [p.numel() for group in groups if group != "text_projection" for p in getattr(model, group).parameters()]
+        trained += [512 * 768 + 768] if "text_projection" in groups else []
+        return Counts(sum(p.numel() for group in STAGE_1_PARTS for p in getattr(model, group).parameters())
+                      + 512 * 768 + 768 + CLIP_TEXT_PARAMETERS, sum(trained), max(trained))
+    set_trainable(model, stage, groups=groups)
     trained = [p.numel() for p in model.parameters() if p.requires_grad]
     return Counts(sum(p.numel() for p in model.parameters()), sum(trained), max(trained))
 
@@ -76,12 +82,17 @@ def llm_bytes_per_token_layer(config: dict, stage: int, lora_rank: int = 16) -> 
     return frozen + lora
 
 
-def activation_bytes(preset: str, stage: int, batch: int, checkpointing: bool) -> float:
+def activation_bytes(preset: str, stage: int, batch: int, checkpointing: bool, groups: tuple[str, ...]) -> float:
     from r1seg_core.model.builder import preset_config
 
-    if stage == 1:
+    # A trained encoder keeps its blocks' activations (stage 1, and stage 4 where the paper trains it); gradient
+    # checkpointing of the encoder applies in stage 1 only (stage_model.enable_gradient_checkpointing).
+    encoder = 0.0
+    if "image_encoder" in groups:
         encoder = ENCODER_BYTES_PER_TOKEN_LAYER * ENCODER_TOKENS * ENCODER_LAYERS
-        return batch * (encoder / (ENCODER_LAYERS if checkpointing else 1) + 2 * DECODER_BYTES_PER_PASS)
+        encoder /= ENCODER_LAYERS if checkpointing and stage == 1 else 1
+    if stage == 1:
+        return batch * (encoder + 2 * DECODER_BYTES_PER_PASS)
     config = preset_config(preset).language_model.hf_config
     per_layer = llm_bytes_per_token_layer(config, stage) * SEQUENCE
     layers = config["num_hidden_layers"]
@@ -89,30 +100,35 @@ def activation_bytes(preset: str, stage: int, batch: int, checkpointing: bool) -
     # The decoder runs 3 passes (2 refinement loops) and its activations are kept so that gradients reach the
     # segment projector (stage 3) or the decoder itself (stage 4); about one prompted mask per sample.
     decoder = 3 * DECODER_BYTES_PER_PASS if stage >= 3 else 0
-    return batch * (llm + decoder)
+    return batch * (llm + decoder + encoder)
 
 
-def estimate(preset: str, stage: int, gpus: int, checkpointing: bool) -> dict[str, float]:
-    counts = stage_counts(preset, stage)
-    batch = PAPER_BATCH[preset][stage - 1]
+def estimate(preset: str, stage: int, gpus: int, checkpointing: bool, batch: int | None = None,
+             groups: list[str] | None = None) -> dict[str, float]:
+    from r1seg_core.model.stages import trainable_groups
+
+    counts = stage_counts(preset, stage, groups)
+    batch = batch or PAPER_BATCH[preset][stage - 1]
     parts = {"weights": 2 * counts.total,
              "gradients": 2 * counts.trained / gpus + 2 * counts.largest_trained,
              "optimizer": 12 * counts.trained / gpus,
              "buckets": 2 * 2 * BUCKET_ELEMENTS,
-             "activations": activation_bytes(preset, stage, batch, checkpointing)}
+             "activations": activation_bytes(preset, stage, batch, checkpointing, trainable_groups(stage, groups))}
     return {**{k: v / GIB for k, v in parts.items()}, "total": sum(parts.values()) / GIB, "batch": batch,
             "trained_millions": counts.trained / 1e6}
 
 
-def table(gpus: int, checkpointing: bool) -> str:
+def table(gpus: int, checkpointing: bool, recipe=None) -> str:
+    """Every preset with the paper batches and default sets, or one recipe's preset, batches and trainable sets."""
     lines = ["| LLM | stage | batch/GPU | trained (M) | weights | grads | optimizer | buckets | activations | total (GiB) |",
              "|---|---|---|---|---|---|---|---|---|---|"]
-    for preset in PAPER_BATCH:
-        for stage in (1, 2, 3, 4):
-            e = estimate(preset, stage, gpus, checkpointing)
-            lines.append(f"| {preset} | {stage} | {e['batch']} | {e['trained_millions']:.0f} | {e['weights']:.1f} | "
-                         f"{e['gradients']:.1f} | {e['optimizer']:.1f} | {e['buckets']:.1f} | {e['activations']:.1f} | "
-                         f"**{e['total']:.1f}** |")
+    plans = ([(preset, stage, None, None) for preset in PAPER_BATCH for stage in (1, 2, 3, 4)] if recipe is None else
+             [(recipe.model["preset"], n, c.micro_batch_size, c.trainable) for n, c in recipe.stages.items()])
+    for preset, stage, batch, groups in plans:
+        e = estimate(preset, stage, gpus, checkpointing, batch, groups)
+        lines.append(f"| {preset} | {stage} | {e['batch']} | {e['trained_millions']:.0f} | {e['weights']:.1f} | "
+                     f"{e['gradients']:.1f} | {e['optimizer']:.1f} | {e['buckets']:.1f} | {e['activations']:.1f} | "
+                     f"**{e['total']:.1f}** |")
     return "\n".join(lines)
 
 
@@ -120,8 +136,14 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--gpus", type=int, default=8, help="GPUs sharing the ZeRO-2 partitions")
     parser.add_argument("--checkpointing", action="store_true", help="with gradient checkpointing")
+    parser.add_argument("--recipe", type=Path, help="a recipe folder: its preset, batch sizes and trainable sets")
     args = parser.parse_args(argv)
-    print(table(args.gpus, args.checkpointing))
+    recipe = None
+    if args.recipe:
+        from .recipe import load_recipe
+
+        recipe = load_recipe(args.recipe)
+    print(table(args.gpus, args.checkpointing, recipe))
 
 
 if __name__ == "__main__":

@@ -19,10 +19,12 @@ import yaml
 from r1seg_core.config import R1Seg3DConfig
 from r1seg_core.errors import InvalidInputError
 from r1seg_core.model.builder import preset_config
+from r1seg_core.model.stages import trainable_groups
 
 from .data.cases import SourceSpec, expand_variables
 
 STAGES = (1, 2, 3, 4)
+EPOCH_COUNTS = ("auto", "original")      # samples_per_epoch's named counts (train.py samples_per_epoch)
 
 
 @dataclass
@@ -66,7 +68,10 @@ class StageConfig:
     learning_rate: float
     weight_decay: float
     sources: dict[str, float | str]      # prepared dataset -> sampling weight, or "size" for its (case, structure) pairs
-    samples_per_epoch: int | str = "auto"   # "auto": the sources' (case, structure) pairs, the original's epoch
+    # What one epoch counts: "auto", the (case, structure) pairs present in the prepared cases; "original", as the
+    # released code counted (every annotated pair, absent ones included, times its prompt variants; train.py
+    # samples_per_epoch); or a number of samples.
+    samples_per_epoch: int | str = "auto"
     max_steps: int | None = None         # stop after this many optimizer steps (smoke runs)
     gradient_accumulation: int = 1
     warmup_ratio: float = 0.03
@@ -80,8 +85,16 @@ class StageConfig:
     num_workers: int = 2
     init_from: str | None = None         # stage 1 only: a model folder or encoder start point to begin from
     embedding_rows: str = "all"          # "new": of the token embeddings and LM head, only the added tokens' rows train
+    # The module groups this stage trains (r1seg_core.model.stages.TRAINABLE_GROUPS); None: the stage's default set.
+    trainable: list[str] | None = None
     autocast_bf16: bool = False          # bf16 autocast around the forward (CPUs with bf16 instructions); weights stay fp32
     threads: int | None = None           # CPU threads per rank (default: the cores split between the ranks)
+    # Dice on `validation_windows` fixed held-out (case, structure) windows every this many optimizer steps and at
+    # the end (0: never; stages with a mask decoder only). The windows come from `validation_sources`: prepared
+    # datasets of cases kept out of training (a data.yaml source reading the `validation` part of a split file).
+    validation_every_steps: int = 0
+    validation_sources: list[str] = field(default_factory=list)
+    validation_windows: int = 8
     crops: CropSettings = field(default_factory=CropSettings)
     augment: AugmentSettings = field(default_factory=AugmentSettings)
     questions: QuestionSettings = field(default_factory=QuestionSettings)
@@ -159,8 +172,18 @@ def _stage(path: Path, stage: int) -> StageConfig:
     if "adam_betas" in values:
         values["adam_betas"] = tuple(values["adam_betas"])
     config = _build(StageConfig, values, str(path))
+    try:
+        trainable_groups(stage, config.trainable)
+    except InvalidInputError as error:
+        raise InvalidInputError(f"{path}: {error}") from None
+    if config.samples_per_epoch not in EPOCH_COUNTS and not (
+            type(config.samples_per_epoch) is int and config.samples_per_epoch > 0):
+        raise InvalidInputError(f"{path}: samples_per_epoch must be one of {list(EPOCH_COUNTS)} or a positive number "
+                                f"of samples; got {config.samples_per_epoch!r}")
     if not config.sources:
         raise InvalidInputError(f"{path}: 'sources' names no prepared dataset")
+    if config.validation_every_steps and not (config.validation_sources and config.validation_windows > 0):
+        raise InvalidInputError(f"{path}: validation_every_steps needs validation_sources and validation_windows > 0")
     if config.init_from is not None and stage != 1:
         raise InvalidInputError(f"{path}: init_from is for stage 1; later stages start from the previous stage's export")
     return config
@@ -190,7 +213,7 @@ def load_recipe(folder: Path | str) -> Recipe:
         raise InvalidInputError(f"{folder / 'data.yaml'}: source names must be unique, got {names}")
     stages = {n: _stage(folder / f"stage{n}.yaml", n) for n in STAGES}
     for n, stage in stages.items():
-        missing = set(stage.sources) - set(names)
+        missing = (set(stage.sources) | set(stage.validation_sources)) - set(names)
         if missing:
             raise InvalidInputError(f"{folder / f'stage{n}.yaml'}: sources {sorted(missing)} are not in data.yaml")
     ds_path = folder / "ds_config.json"
@@ -199,6 +222,11 @@ def load_recipe(folder: Path | str) -> Recipe:
     except (OSError, json.JSONDecodeError) as error:
         raise InvalidInputError(f"{ds_path} cannot be read: {error}") from error
     recipe = Recipe(folder, model, sources, stages, deepspeed)
+    for n, stage in stages.items():
+        # Rank 0 validates alone while the others wait: under ZeRO-3 its forward would need their parameter shards.
+        if stage.validation_every_steps and recipe.stage_deepspeed(n).get("zero_optimization", {}).get("stage", 0) >= 3:
+            raise InvalidInputError(f"{folder / f'stage{n}.yaml'}: validation_every_steps needs ZeRO stage 0-2; "
+                                    "this stage's DeepSpeed config uses ZeRO-3")
     recipe.model_config()       # fail now, not after hours of stage 1, on a broken model section
     recipe.sam_config()
     return recipe

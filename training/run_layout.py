@@ -2,7 +2,8 @@
 
     <output>/data/                     prepared datasets (unless --data points elsewhere)
     <output>/stage<N>/checkpoints/     DeepSpeed checkpoints (trained weights and optimizer state only)
-    <output>/stage<N>/metrics.csv      loss curve; tensorboard/ next to it
+    <output>/stage<N>/metrics.csv      loss, validation Dice, throughput, ETA and memory; tensorboard/ next to it
+    <output>/stage<N>/validation.npz   the latest validation's windows, labels and predicted masks
     <output>/stage<N>/model/           stage N's exported model folder, the next stage's starting point
     <output>/final/                    stage 4's export: the trained model for `r1seg ask --model`
 """
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 FINGERPRINT_NAME = "frozen_fingerprint.json"
+PLAN_NAME = "run_plan.json"
 
 
 @dataclass(frozen=True)
@@ -30,6 +32,15 @@ class StagePaths:
     @property
     def fingerprint(self) -> Path:
         return self.checkpoints / FINGERPRINT_NAME
+
+    @property
+    def plan(self) -> Path:
+        """The rank count and batch split the checkpoints were written with (a resume must use the same)."""
+        return self.checkpoints / PLAN_NAME
+
+    @property
+    def validation(self) -> Path:
+        return self.root / "validation.npz"
 
     @property
     def export(self) -> Path:

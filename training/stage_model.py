@@ -9,6 +9,7 @@ Every stage starts from the previous stage's exported folder (the inference form
 3. Stage 2's export with LoRA added.
 4. Stage 3's export, whose LoRA is already merged, with a fresh LoRA: the same function at the start, and the
    adapter learns stage 4's change on top (the original continued stage 3's adapter; the sum is equivalent).
+A LoRA is added in whichever stage trains the `lora` group (stages 3 and 4 by default), and each export merges it.
 
 `build_stage_model` is deterministic for a given recipe and init folder, so training, resume and export all
 rebuild the same frozen weights and only the trained ones travel through DeepSpeed checkpoints.
@@ -26,7 +27,7 @@ from r1seg_core.errors import CheckpointError
 from r1seg_core.model.builder import build_model
 from r1seg_core.model.checkpoint import check_state_dict, read_weights
 from r1seg_core.model.r1seg3d import R1Seg3D
-from r1seg_core.model.stages import set_trainable
+from r1seg_core.model.stages import set_trainable, trainable_groups
 
 from .recipe import Recipe
 
@@ -47,8 +48,12 @@ def build_stage_model(stage: int, recipe: Recipe, init: Path | None, dtype: torc
         take_vision_parts(model, _required(init, stage))
     else:
         model = R1Seg3D.from_pretrained(_required(init, stage), dtype=dtype)
+    config = recipe.stages[stage]
+    groups = trainable_groups(stage, config.trainable)
+    if "lora" in groups:
+        # A fresh adapter: on stage 3, over stage 2's export; on stage 4, over stage 3's merged one.
         model.language_model.enable_lora(model.config.language_model.lora)
-    set_trainable(model, stage, recipe.stages[stage].embedding_rows)
+    set_trainable(model, stage, config.embedding_rows, groups)
     return model
 
 

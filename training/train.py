@@ -12,6 +12,7 @@ import argparse
 import json
 import logging
 import math
+import resource
 import shutil
 import sys
 import time
@@ -20,18 +21,19 @@ from pathlib import Path
 
 import torch
 
-from r1seg_core.errors import InvalidInputError
+from r1seg_core.errors import CheckpointError, InvalidInputError
 from r1seg_core.model.stages import trained_rows
 
 from .data.prepared import open_source
 from .data.samples import Collate, StageSamples, StepBatches
-from .distributed import Ranks, barrier, init_distributed, mean_over_ranks, require_same_on_all_ranks
+from .distributed import Ranks, barrier, init_distributed, max_over_ranks, mean_over_ranks, require_same_on_all_ranks
 from .export import check_fingerprint, export_stage
 from .logbook import Logbook
 from .recipe import Recipe, StageConfig, load_recipe
 from .run_layout import StagePaths
 from .stage_model import (STAGE_NAMES, build_stage_model, enable_gradient_checkpointing, frozen_fingerprint,
                           set_training_mode)
+from .validation import VALIDATED_STAGES, Validator, check_held_out, validation_samples
 
 LOSS_KEYS = ("loss", "loss_lm", "loss_dice", "loss_bce")
 
@@ -46,8 +48,20 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 def samples_per_epoch(config: StageConfig, sources) -> int:
+    """The samples of one epoch (the recipe's `samples_per_epoch`).
+
+    "auto": the (case, structure) pairs present in the prepared cases. "original": what the released code's epoch
+    held (model_anchors.md §4.2, §1.8): M3D's per-dataset json lists one entry per (case, class) pair, absent classes
+    kept (a zero mask), so every structure the dataset annotates counts in every case; and stages 2-4 concatenated
+    each dataset twice, once asking by class name and once by description (stage 2's CaptionSegDataset, stages 3-4's
+    MultiSegDataset), while stage 1 used one prompt template. Stage 2's RefSeg captions, which this project has no
+    reader for, are not counted.
+    """
     if config.samples_per_epoch == "auto":
         return sum(source.pair_count() for source in sources)
+    if config.samples_per_epoch == "original":
+        prompt_variants = 1 if config.stage == 1 else 2
+        return prompt_variants * sum(source.annotated_pair_count() for source in sources)
     return int(config.samples_per_epoch)
 
 
@@ -87,6 +101,48 @@ def check_prepared_data(sources, model) -> None:
                                     f"expects {model.config.preprocess}: prepare it again for this recipe")
 
 
+def run_plan(config: StageConfig, ranks: Ranks) -> dict:
+    """What a checkpoint can only be resumed with: the rank count and how each step's samples split between them."""
+    return {"world_size": ranks.world, "micro_batch_size": config.micro_batch_size,
+            "gradient_accumulation": config.gradient_accumulation}
+
+
+def _described(plan: dict) -> str:
+    ranks, micro, accumulation = plan["world_size"], plan["micro_batch_size"], plan["gradient_accumulation"]
+    return (f"{ranks} rank{'s' if ranks != 1 else ''} (micro-batch {micro} x accumulation {accumulation}: "
+            f"{ranks * micro * accumulation} samples per step)")
+
+
+def check_same_plan(plan: dict, paths: StagePaths) -> None:
+    """Refuse to resume on another rank count or batch split. ZeRO partitions the optimizer state per rank, so
+    another count cannot load it (DeepSpeed's universal-checkpoint conversion could reshard it, but the sample plan
+    would still change: each rank draws the samples of its rank number, and the step count follows the global
+    batch). Done before the model is built, so a wrong launch fails in seconds."""
+    if not paths.plan.is_file():
+        return          # checkpoints written before the plan was recorded
+    recorded = json.loads(paths.plan.read_text())
+    if recorded == plan:
+        return
+    tag = (paths.checkpoints / "latest").read_text().strip()
+    raise CheckpointError(
+        f"stage {paths.stage}'s checkpoint {tag} in {paths.checkpoints} was written by {_described(recorded)}, "
+        f"but this run has {_described(plan)}. A checkpoint resumes only on the rank count and batch split it was "
+        f"written with (ZeRO partitions the optimizer state per rank; each rank's samples depend on its rank). "
+        f"Rerun with {recorded['world_size']} ranks (--nproc {recorded['world_size']}, or the same nodes and GPUs per "
+        f"node) and the same micro_batch_size and gradient_accumulation; or restart stage {paths.stage} from its "
+        f"beginning by removing {paths.checkpoints}, after keeping its weights as a model folder if wanted "
+        f"(`python -m training.export --recipe <recipe> --output {paths.output} --stage {paths.stage} --tag {tag} "
+        f"--to <folder>`).")
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    """This process's peak so far: memory allocated on its GPU, or on a CPU run its maximum resident set
+    (getrusage reports kB on Linux)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+
+
 def save(engine, paths: StagePaths, step: int, keep: int, ranks: Ranks) -> None:
     # Frozen weights are rebuilt from the stage's starting point, so they are not written again at every save.
     engine.save_checkpoint(str(paths.checkpoints), tag=f"step{step:07d}", client_state={"step": step},
@@ -108,6 +164,7 @@ class StageRun:
     start: int
     per_epoch: int
     samples_per_step: int
+    validation: list[dict]            # the fixed validation windows (none: the stage is not validated)
 
 
 def set_up(stage: int, recipe: Recipe, paths: StagePaths, data_dir: Path, ranks: Ranks) -> StageRun:
@@ -116,6 +173,10 @@ def set_up(stage: int, recipe: Recipe, paths: StagePaths, data_dir: Path, ranks:
     from transformers import get_cosine_schedule_with_warmup
 
     config = recipe.stages[stage]
+    plan = run_plan(config, ranks)
+    resuming = (paths.checkpoints / "latest").is_file()
+    if resuming:
+        check_same_plan(plan, paths)
     if config.threads:
         torch.set_num_threads(config.threads)
     model = build_stage_model(stage, recipe, paths.init, torch.bfloat16 if recipe.bf16(stage) else None)
@@ -124,6 +185,7 @@ def set_up(stage: int, recipe: Recipe, paths: StagePaths, data_dir: Path, ranks:
         enable_gradient_checkpointing(model, stage)
     sources = [open_source(data_dir, name) for name in config.sources]
     check_prepared_data(sources, model)
+    validation = validation_set(config, data_dir, sources, model.window_size, ranks)
     per_epoch = samples_per_epoch(config, sources)
     samples_per_step = config.micro_batch_size * config.gradient_accumulation * ranks.world
     steps = total_steps(config, per_epoch, samples_per_step)
@@ -133,7 +195,7 @@ def set_up(stage: int, recipe: Recipe, paths: StagePaths, data_dir: Path, ranks:
     engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                    config=deepspeed_config(recipe, config))
     start = 0
-    if (paths.checkpoints / "latest").is_file():
+    if resuming:
         check_fingerprint(fingerprint, paths)
         _, client = engine.load_checkpoint(str(paths.checkpoints), load_module_strict=False)
         start = client["step"]
@@ -142,9 +204,23 @@ def set_up(stage: int, recipe: Recipe, paths: StagePaths, data_dir: Path, ranks:
     elif ranks.is_main:
         paths.checkpoints.mkdir(parents=True, exist_ok=True)
         paths.fingerprint.write_text(json.dumps(fingerprint))
+        paths.plan.write_text(json.dumps(plan))
     set_training_mode(engine.module)
     return StageRun(engine, scheduler, StageSamples(config, sources, model.window_size), steps, start, per_epoch,
-                    samples_per_step)
+                    samples_per_step, validation)
+
+
+def validation_set(config: StageConfig, data_dir: Path, training_sources, window, ranks: Ranks) -> list[dict]:
+    """The stage's validation windows; built on every rank, so a bad validation source fails every rank alike."""
+    if not config.validation_every_steps:
+        return []
+    if config.stage not in VALIDATED_STAGES:
+        if ranks.is_main:
+            print(f"[stage {config.stage}] not validated: the stage trains no mask", flush=True)
+        return []
+    held_out = [open_source(data_dir, name) for name in config.validation_sources]
+    check_held_out(held_out, training_sources)
+    return validation_samples(config, held_out, window)
 
 
 def train(run: StageRun, config: StageConfig, paths: StagePaths, ranks: Ranks) -> None:
@@ -155,9 +231,14 @@ def train(run: StageRun, config: StageConfig, paths: StagePaths, ranks: Ranks) -
     batches = iter(torch.utils.data.DataLoader(run.dataset, batch_sampler=keys, collate_fn=collate,
                                                num_workers=config.num_workers, pin_memory=ranks.device.type == "cuda"))
     logbook = Logbook(paths.root, stage, run.start, run.steps, config.log_every_steps) if ranks.is_main else None
+    validate = None
+    if run.validation and ranks.is_main:
+        validate = Validator(run.validation, lambda samples: to_device(collate(samples), ranks.device, dtype), stage,
+                             config.micro_batch_size, ranks.device.type, config.autocast_bf16, paths.validation)
     if ranks.is_main:
         print(f"[stage {stage}] {STAGE_NAMES[stage]}: {run.steps} steps of {config.micro_batch_size} x "
               f"{config.gradient_accumulation} x {ranks.world} samples", flush=True)
+    started = time.monotonic()
     for step in range(run.start, run.steps):
         began = time.monotonic()
         # Dropout masks depend on (seed, step, rank) only, so a resumed run repeats the uninterrupted one.
@@ -173,14 +254,24 @@ def train(run: StageRun, config: StageConfig, paths: StagePaths, ranks: Ranks) -
             run.engine.step()
             totals += torch.stack([losses[k].detach().double() for k in LOSS_KEYS])
         means = mean_over_ranks(totals / config.gradient_accumulation).tolist()
+        seconds = time.monotonic() - began
         done = step + 1
+        val_dice = None
+        if run.validation and (done % config.validation_every_steps == 0 or done == run.steps):
+            if validate is not None:
+                val_dice = validate(module, done)
+            barrier()
+        peak = max_over_ranks(peak_memory_gib(ranks.device), ranks.device)
         if logbook is not None:
             grad_norm = run.engine.get_global_grad_norm()
+            # The ETA extrapolates this process's steps so far, validations and checkpoints included.
+            eta = (time.monotonic() - started) / (done - run.start) * (run.steps - done)
             logbook.record({"step": done, "epoch": done * run.samples_per_step / run.per_epoch,
                             "samples": done * run.samples_per_step, **dict(zip(LOSS_KEYS, means)),
-                            "lr": run.scheduler.get_last_lr()[0],
+                            "val_dice": val_dice, "lr": run.scheduler.get_last_lr()[0],
                             "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                            "seconds": time.monotonic() - began})
+                            "seconds": seconds, "samples_per_s": run.samples_per_step / seconds, "eta_s": eta,
+                            "peak_memory_gib": peak})
         if done % config.save_every_steps == 0 or done == run.steps:
             save(run.engine, paths, done, config.keep_checkpoints, ranks)
     if logbook is not None:

@@ -94,8 +94,13 @@ class PreparedSource:
         return self.index["preprocess"]
 
     def pair_count(self) -> int:
-        """(case, structure) pairs: what the original counted as one epoch of a dataset."""
+        """(case, structure) pairs with the structure present in the case."""
         return sum(len(case.structures) for case in self.cases)
+
+    def annotated_pair_count(self) -> int:
+        """(case, structure) pairs of every structure the dataset annotates, present or absent in the case (one
+        that vanished at the model's spacing is neither)."""
+        return sum(len(case.structures) + len(case.absent) for case in self.cases)
 
 
 def write_case(folder: Path, image: np.ndarray, layers: np.ndarray, foreground: dict[int, np.ndarray], meta: dict) -> None:

@@ -1,6 +1,7 @@
 """Medical Segmentation Decathlon and nnU-Net raw layouts: dataset.json, imagesTr/, labelsTr/.
 
-MSD: `labels` maps "value" -> name and `training` lists {"image", "label"} paths.
+MSD: `labels` maps "value" -> name and `training` lists {"image", "label"} paths (and optionally the case "id";
+by default the label file's name; training.data.convert writes ids where files of several cases share a name).
 nnU-Net v2: `labels` maps name -> value, `file_ending` gives the suffix, and case `X` is
 `imagesTr/X_0000<ending>` with `labelsTr/X<ending>` (one CT channel).
 """
@@ -63,7 +64,7 @@ def _msd_pairs(description: dict, folder: Path) -> list[tuple[str, Path, Path]]:
     pairs = []
     for item in description["training"]:
         image, label = folder / item["image"], folder / item["label"]
-        pairs.append((_case_id(label), image, label))
+        pairs.append((item.get("id") or _case_id(label), image, label))
     return pairs
 
 
