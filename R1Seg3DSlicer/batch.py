@@ -1,7 +1,7 @@
 """Ask R1Seg3D one question about a CT and save the answer as a segmentation file.
 
 Inside Slicer (same Logic code as the chat panel):
-    Slicer --no-splash --no-main-window --python-script R1Seg3DSlicer/batch.py \\
+    Slicer --no-splash --no-main-window --ignore-slicerrc --python-script R1Seg3DSlicer/batch.py \\
         --input ct.nii.gz --question "segment the liver" --output liver.seg.nrrd
 With plain Python and the PyPI `slicer-core` wheel (how it is tested):
     python R1Seg3DSlicer/batch.py --input ct.nii.gz --question "..." --output out.seg.nrrd
@@ -13,8 +13,12 @@ written even when nothing was found (then it has no segments), so a pipeline alw
 With `--server URL` (and `--token-file F`), a running `r1seg serve` answers instead, so many batch
 questions pay the model load once.
 
+Before any work it checks, as the module does before the first question, that Slicer, Python and the
+installed packages are recent enough, and names the fix when they are not.
+
 Exit codes: 0 answered; 1 unexpected error (traceback on stderr); 2 bad arguments; 3 input missing,
-unreadable or unusable; 4 model folder or weights unusable; 5 inference failed; 6 output not written.
+unreadable or unusable; 4 model folder or weights unusable; 5 inference failed; 6 output not written;
+7 Slicer, Python or a Python package too old or missing.
 """
 
 import argparse
@@ -31,6 +35,7 @@ EXIT_INPUT = 3
 EXIT_MODEL = 4
 EXIT_INFERENCE = 5
 EXIT_OUTPUT = 6
+EXIT_DEPENDENCIES = 7
 
 
 class BatchError(Exception):
@@ -102,6 +107,19 @@ def _load_volume(volumes_logic, path: Path):
     return volume_node
 
 
+def _check_versions() -> None:
+    """Refuse before any work when Slicer, Python or an installed package is too old (the module's own check,
+    engine.version_problems), with each fix: Slicer's Python console inside Slicer, pip outside it."""
+    import slicer
+    from R1Seg3DSlicerLib import engine
+
+    app = getattr(slicer, "app", None)
+    problems = engine.version_problems((app.majorVersion, app.minorVersion) if app is not None else None,
+                                       in_slicer=app is not None)
+    if problems:
+        raise BatchError(EXIT_DEPENDENCIES, "\n".join(problems))
+
+
 def _engine_failure(error):
     """The BatchError for an error the engine explains to users; None for anything else (a bug,
     which gets its traceback)."""
@@ -110,6 +128,12 @@ def _engine_failure(error):
             EXIT_UNEXPECTED,
             f"The R1Seg3D engine is not importable ({error}). Install the project (pip install -e .)"
             " or run this script inside Slicer with the R1Seg3D extension.",
+        )
+    if isinstance(error, ModuleNotFoundError) and error.name:
+        return BatchError(
+            EXIT_DEPENDENCIES,
+            f"The Python package {error.name!r} is missing. In Slicer, open the R1Seg3D module and ask one question:"
+            " it offers to install what the engine needs. Outside Slicer: pip install -e . in the project folder.",
         )
     from r1seg_core import errors
 
@@ -147,6 +171,7 @@ def _save_segmentation(segmentation_node, path: Path) -> None:
 
 def run(arguments, predictor_factory=None, stdout=sys.stdout, stderr=sys.stderr) -> int:
     _make_lib_importable()
+    _check_versions()
     from R1Seg3DSlicerLib import engine, scene
 
     mrml_scene, volumes_logic, _keep_alive = _scene_and_volumes_logic()

@@ -279,6 +279,56 @@ def test_unload_frees_the_model_and_the_next_question_reloads_it(model_dir, ct):
         server.stop()
 
 
+def test_forgetting_a_ct_and_a_conversation_frees_them_on_the_server(server, ct):
+    client = server.client
+    nrrd = volume_to_nrrd_bytes(ct)
+    conversation = client.new_conversation()
+    volume_id = client.upload(nrrd)
+    job = client.submit(volume_id, QUESTION, conversation)
+    assert wait(client, job["job_id"])["state"] == protocol.DONE
+    assert client.forget_conversation(conversation) is True
+    with pytest.raises(ServerError, match="no conversation"):
+        client.submit(volume_id, "and the spleen?", conversation)
+    assert client.forget_volume(volume_id) is True
+    with pytest.raises(ServerError, match="does not hold CT"):
+        client.request("GET", f"/volumes/{volume_id}")
+    with pytest.raises(ServerError, match="released") as released:  # the finished answer let go of the CT too
+        client.result(job["job_id"])
+    assert released.value.status == 410
+    assert client.forget_volume(volume_id) is False and client.forget_conversation(conversation) is False
+    assert ask(client, nrrd)[1]["state"] == protocol.DONE  # uploaded again, it is answered as before
+
+
+def test_the_server_ends_when_its_parent_process_ends(model_dir):
+    parent = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    server = LocalServer(str(model_dir), device="cpu", threads=1, environment=SERVER_ENV, parent_pid=parent.pid)
+    try:
+        server.start()
+        server.wait_ready(90)
+        time.sleep(1.5)
+        assert server.running  # the parent lives: the server stays
+        parent.kill()
+        parent.wait()  # reaped: the pid is gone (a zombie would still count as running)
+        ended = time.monotonic()
+        while server.running and time.monotonic() - ended < 10:
+            time.sleep(0.1)
+        assert not server.running, "the server outlived its parent by 10 s"
+        print(f"the server ended {time.monotonic() - ended:.1f} s after its parent")
+        assert f"parent process {parent.pid} has ended" in server.log_tail()
+    finally:
+        parent.kill()
+        server.stop()
+
+
+def test_a_missing_parent_pid_is_refused(model_dir, tmp_path):
+    finished = subprocess.Popen([sys.executable, "-c", "pass"])
+    finished.wait()   # reaped: its pid is free
+    command = [sys.executable, "-m", "r1seg_core.cli", "serve", "--model", str(model_dir), "--port", "0",
+               "--parent-pid", str(finished.pid)]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=60, env=SERVER_ENV)
+    assert run.returncode == 2 and "no such process is running" in run.stderr
+
+
 def test_every_request_needs_the_token(server):
     anonymous = Client(server.client.url)
     for call in (anonymous.health, anonymous.model_card, lambda: anonymous.status("j1")):

@@ -213,3 +213,31 @@ def test_batch_runs_the_real_predictor_in_bfloat16(shared_ct, tmp_path):
     assert {parameter.dtype for parameter in loaded[0].model.parameters()} == {torch.bfloat16}
     assert stdout.strip()
     assert all(mask.shape == (30, 101, 122) for mask in read_segmentation(out, shared_ct / SMALL_CT).values())
+
+
+@pytest.mark.parametrize("package, old, fix", [
+    ("torch", "2.4.1", 'pip install "torch>=2.5"'),
+    ("transformers", "4.55.2", 'pip install "transformers>=4.56"'),
+])
+def test_batch_refuses_too_old_packages_before_any_work_with_the_fix(shared_ct, tmp_path, monkeypatch, package, old,
+                                                                      fix):
+    from R1Seg3DSlicerLib import engine
+
+    real = engine.metadata.version
+    monkeypatch.setattr(engine.metadata, "version", lambda name: old if name == package else real(name))
+    loaded = []
+    code, stdout, stderr = run_batch(["--input", shared_ct / SMALL_CT, "--question", "segment the liver",
+                                      "--output", tmp_path / "o.seg.nrrd"],
+                                     lambda *args: loaded.append(args) or LiverPredictor())
+    assert code == batch.EXIT_DEPENDENCIES
+    assert f"{package} {old} is too old" in stderr and fix in stderr
+    assert loaded == [] and not (tmp_path / "o.seg.nrrd").exists()
+
+
+def test_batch_inside_an_old_slicer_says_which_slicer_it_needs(shared_ct, tmp_path, monkeypatch):
+    import slicer
+
+    monkeypatch.setattr(slicer, "app", SimpleNamespace(majorVersion=5, minorVersion=8), raising=False)
+    code, _, stderr = run_batch(["--input", shared_ct / SMALL_CT, "--question", "segment the liver",
+                                 "--output", tmp_path / "o.seg.nrrd"], lambda *args: LiverPredictor())
+    assert code == batch.EXIT_DEPENDENCIES and "5.10 or newer" in stderr and "download.slicer.org" in stderr

@@ -1,12 +1,14 @@
 """The chat panel without Qt: chat state machine, background worker, engine session, and the module
 file itself (compiles, imports nothing heavy, widget uses only Slicer's qt/ctk/slicer, Logic works)."""
 import ast
+import hashlib
 import importlib.util
 import subprocess
 import sys
 import threading
 import time
 import types
+import weakref
 from pathlib import Path
 from types import SimpleNamespace
 from unittest import mock
@@ -132,6 +134,26 @@ def test_follow_up_turns_undo_visibility_and_clear():
 
     session.clear()
     assert session.turns == () and session.status_text.startswith("Ask")
+
+
+def test_up_and_down_recall_earlier_questions_like_a_shell():
+    session = ChatSession(Clock())
+    history = session.history
+    assert history.previous("draft") is None and history.next("draft") is None  # nothing asked yet
+    for question in ("segment the liver", "and the spleen?", "and the spleen?", "the left kidney"):
+        session.send(question, "ct")
+        session.complete("Done.", True, [])
+    session.clear()  # the conversation goes; what the user typed stays recallable
+    # Up from a half-typed question: newest first, the repeat kept once, and Up at the oldest changes nothing.
+    assert [history.previous("segm") for _ in range(4)] == [
+        "the left kidney", "and the spleen?", "segment the liver", None]
+    # Down walks forward and, past the newest, gives back the half-typed text; then there is nothing further.
+    assert [history.next("x") for _ in range(4)] == ["and the spleen?", "the left kidney", "segm", None]
+    # Sending starts the walk again from the newest question.
+    assert history.previous("") == "the left kidney"
+    session.send("segment the liver", "ct")
+    session.complete("Done.", True, [])
+    assert history.previous("") == "segment the liver" and history.previous("") == "the left kidney"
 
 
 @pytest.mark.parametrize(
@@ -517,7 +539,7 @@ def test_install_on_older_slicer_pins_slicer_packages_and_shows_progress(module,
 
     requirements = tmp_path / "requirements.txt"
     requirements.write_text("# test\nr1seg-package-that-does-not-exist>=1.0\nnumpy>=1.0\nr1seg-other-missing>=2\n")
-    monkeypatch.setattr(module, "REQUIREMENTS_PATH", str(requirements))
+    monkeypatch.setattr(engine, "REQUIREMENTS_PATH", requirements)
     installed = []
 
     def pip_install(arguments):
@@ -688,3 +710,122 @@ def test_the_logic_keeps_each_answers_provenance_with_its_segments(module, scene
         assert [r.question for r in provenance.records(segmentation_node)] == ["segment the liver", "and again?"]
     finally:
         logic.shutdown()
+
+
+def test_slicer_packaging_helpers_come_from_pydeps_first(module, monkeypatch):
+    import slicer
+
+    def helpers(name):
+        found = types.ModuleType(name)
+        found.pip_ensure = found.pip_check = found.load_requirements = lambda *args, **kwargs: None
+        return found
+
+    pydeps, packaging = helpers("slicer.pydeps"), helpers("slicer.packaging")
+    monkeypatch.setattr(slicer, "app", SimpleNamespace(majorVersion=5, minorVersion=13), raising=False)
+    monkeypatch.setitem(sys.modules, "slicer.pydeps", pydeps)
+    monkeypatch.setitem(sys.modules, "slicer.packaging", packaging)
+    assert module._slicerPackaging() is pydeps
+    del pydeps.pip_ensure  # a module of that name without the helpers is passed over
+    assert module._slicerPackaging() is packaging
+    monkeypatch.delitem(sys.modules, "slicer.pydeps")
+    monkeypatch.setattr(slicer, "pydeps", None, raising=False)  # `import slicer.pydeps` now fails
+    assert module._slicerPackaging() is packaging
+    monkeypatch.setattr(slicer, "app", SimpleNamespace(majorVersion=5, minorVersion=10), raising=False)
+    assert module._slicerPackaging() is None
+
+
+class FakeServer:
+    """What an R1Seg3D server keeps between requests, for `fake_client`: CTs, conversations, the questions asked."""
+
+    def __init__(self):
+        self.volumes, self.conversations, self.asked = set(), set(), []
+        self._ids = iter(range(1, 100))
+
+    def client_class(self):
+        server = self
+
+        class Client:
+            loopback = True
+
+            def __init__(self, url, token=None):
+                pass
+
+            def upload(self, nrrd):
+                key = hashlib.sha256(nrrd).hexdigest()
+                server.volumes.add(key)
+                return key
+
+            def new_conversation(self):
+                key = f"c{next(server._ids)}"
+                server.conversations.add(key)
+                return key
+
+            def submit(self, volume_id, question, conversation_id=None, **options):
+                assert volume_id in server.volumes and (conversation_id is None or conversation_id in server.conversations)
+                server.asked.append((question, conversation_id))
+                return {"job_id": f"j{len(server.asked)}"}
+
+            def status(self, job_id):
+                return {"state": "done", "done": 0, "total": 0}
+
+            def result(self, job_id):
+                return {"answer": "Nothing here.", "present": False, "targets": [], "notes": [], "timings_s": {},
+                        "device": "cpu", "profile": "project"}
+
+            def forget_conversation(self, key):
+                server.conversations.discard(key)
+
+            def forget_volume(self, key):
+                server.volumes.discard(key)
+
+        return Client
+
+
+def test_clear_and_scene_close_start_new_server_conversations_and_free_the_servers_copies(module, scene_with_ct,
+                                                                                         monkeypatch):
+    from r1seg_core.server import client as client_module
+
+    _, volume_node = scene_with_ct
+    server = FakeServer()
+    monkeypatch.setattr(client_module, "Client", server.client_class())
+    logic = module.R1Seg3DSlicerLogic()
+    logic.setRemoteServer("http://127.0.0.1:9", "token")
+
+    def conversation_of_next_question():
+        assert isinstance(run_logic_question(logic, volume_node)[-1], worker.FinishedEvent)
+        return server.asked[-1][1]
+
+    try:
+        first = conversation_of_next_question()
+        assert conversation_of_next_question() == first  # a follow-up keeps the context
+        logic.clearConversation()
+        assert first not in server.conversations  # the server forgot the cleared turns
+        second = conversation_of_next_question()
+        assert second != first
+        assert server.volumes  # the CT stays on the server while the scene is open
+        logic.releaseScene()  # the scene closes
+        assert server.volumes == set() and server.conversations == set()
+        third = conversation_of_next_question()
+        assert third not in (first, second) and len(server.volumes) == 1
+    finally:
+        logic.shutdown()
+
+
+def test_unload_model_frees_a_model_loaded_by_the_blocking_process(module, scene_with_ct):
+    _, volume_node = scene_with_ct
+    loaded = []
+
+    def factory(folder, device, dtype):
+        predictor = WindowedPredictor(windows=1)
+        loaded.append(weakref.ref(predictor))
+        return predictor
+
+    logic = module.R1Seg3DSlicerLogic(session=engine.R1SegSession(predictor_factory=factory, vocabulary_loader=lambda: None))
+    options = engine.AskOptions(device="cpu")
+    logic.process(volume_node, "segment the liver", options)
+    logic.process(volume_node, "and again", options)
+    assert len(loaded) == 1 and loaded[0]() is not None  # kept between questions
+    logic.unloadModel()
+    assert loaded[0]() is None  # nothing holds it any more: its memory is back
+    logic.process(volume_node, "segment the liver", options)
+    assert len(loaded) == 2  # the next question loads it again

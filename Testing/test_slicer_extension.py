@@ -39,8 +39,8 @@ def installs(module, monkeypatch):
 
 
 def pretend_installed(module, monkeypatch, **versions):
-    real = module.metadata.version
-    monkeypatch.setattr(module.metadata, "version", lambda name: versions.get(name) or real(name))
+    real = engine.metadata.version
+    monkeypatch.setattr(engine.metadata, "version", lambda name: versions.get(name) or real(name))
 
 
 @pytest.mark.parametrize("package, old, fix", [

@@ -474,6 +474,23 @@ def test_scene_undo_takes_an_answer_back_in_one_step(headless):
     assert headless.scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 0
 
 
+def test_scene_undo_of_an_answer_into_a_segmentation_made_while_undo_was_off_keeps_earlier_answers(headless):
+    """A segmentation written while scene undo was off (or loaded from a file) has UndoEnabled off; the next answer
+    must still be one undo step that takes back only itself, not the whole node with the earlier answers."""
+    volume_node = oblique_volume(headless)
+    mask = np.zeros((14, 17, 20), np.uint8)
+    mask[3:7, 3:7, 3:7] = 1
+    scene.write_segments(volume_node, [scene.SegmentSpec("liver", mask)])
+    segmentation_node = headless.scene.GetFirstNodeByClass("vtkMRMLSegmentationNode")
+    assert not segmentation_node.GetUndoEnabled()  # written with undo off: the flag was left alone
+    headless.scene.SetUndoOn()
+    scene.write_segments(volume_node, [scene.SegmentSpec("spleen", mask)])
+    assert segment_names(segmentation_node) == ["liver", "spleen"]
+    headless.scene.Undo()
+    assert headless.scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 1
+    assert segment_names(headless.scene.GetFirstNodeByClass("vtkMRMLSegmentationNode")) == ["liver"]
+
+
 def test_visibility_and_centre_on_segment(headless):
     volume_node = oblique_volume(headless)
     mask = np.zeros((14, 17, 20), np.uint8)

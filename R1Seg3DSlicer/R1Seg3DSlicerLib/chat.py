@@ -92,9 +92,47 @@ class Link:
     target_index: int | None = None
 
 
+class PromptHistory:
+    """The questions sent, for Up/Down in the question box, as in a shell: Up steps back through them, Down forward,
+    and Down past the newest gives back the text that was being typed before Up. Each call returns the text the box
+    should show, or None to leave it as it is."""
+
+    MAX_ENTRIES = 100
+
+    def __init__(self):
+        self._entries: list[str] = []
+        self._position: int | None = None   # index being shown; None: the user's own text
+        self._draft = ""
+
+    def add(self, question: str) -> None:
+        if not self._entries or self._entries[-1] != question:   # a repeated question is kept once
+            self._entries.append(question)
+            del self._entries[:-self.MAX_ENTRIES]
+        self._position, self._draft = None, ""
+
+    def previous(self, current_text: str) -> str | None:
+        if not self._entries or self._position == 0:
+            return None
+        if self._position is None:
+            self._draft = current_text
+            self._position = len(self._entries)
+        self._position -= 1
+        return self._entries[self._position]
+
+    def next(self, current_text: str) -> str | None:
+        if self._position is None:
+            return None
+        self._position += 1
+        if self._position == len(self._entries):
+            self._position = None
+            return self._draft
+        return self._entries[self._position]
+
+
 class ChatSession:
     def __init__(self, clock=time.monotonic):
         self._clock = clock
+        self.history = PromptHistory()   # outlives Clear: it is the user's typing, not the conversation
         self._turns: list[Turn] = []
         self._state = ChatState.IDLE
         self._progress: Progress | None = None
@@ -130,6 +168,7 @@ class ChatSession:
             raise ChatError(_("Type a question first."))
         turn = Turn(question=question, volume_name=volume_name)
         self._turns.append(turn)
+        self.history.add(question)
         self._state = ChatState.RUNNING
         self._progress = None
         self._started_at = self._clock()

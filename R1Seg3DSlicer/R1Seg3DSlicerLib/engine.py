@@ -15,17 +15,92 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import gc
 import hashlib
 import json
 import logging
+import re
+import sys
 import threading
 import time
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 
 from . import provenance, scene
 from .chat import FoundTarget
 from .i18n import tr as _
+
+
+# ---- what the engine needs installed (the module checks it before the first question, batch.py before it runs) ----
+
+# 2.5: the engine catches torch.OutOfMemoryError, which older torch does not have.
+TORCH_REQUIREMENT = ">=2.5"
+# Slicer 5.10 (Python 3.12) is the oldest supported release: Slicer 5.8's Python 3.9 cannot install the
+# transformers the engine needs (>= 4.56, see Resources/requirements.txt). pyproject.toml's floor is Python 3.10.
+MINIMUM_SLICER_VERSION = (5, 10)
+MINIMUM_PYTHON_VERSION = (3, 10)
+REQUIREMENTS_PATH = Path(__file__).resolve().parent.parent / "Resources" / "requirements.txt"
+
+
+def requirement_lines() -> list[str]:
+    """The requirements of REQUIREMENTS_PATH, comments and blank lines left out."""
+    with open(REQUIREMENTS_PATH, encoding="utf-8") as requirements_file:
+        lines = [line.split("#", 1)[0].strip() for line in requirements_file]
+    return [line for line in lines if line]
+
+
+def release_numbers(version: str) -> tuple:
+    """(2, 5, 1) from "2.5.1+cu124" or "4.56.0.dev0": floors compare release numbers only."""
+    match = re.match(r"\d+(\.\d+)*", version)
+    return tuple(int(part) for part in match.group(0).split(".")) if match else ()
+
+
+def name_and_floor(requirement: str):
+    """("transformers", ">=4.56") from "transformers>=4.56"; (name, None) without a lower bound."""
+    match = re.match(r"([A-Za-z0-9._-]+)\s*(>=\s*[0-9.]+)?", requirement)
+    return match.group(1), (match.group(2).replace(" ", "") if match.group(2) else None)
+
+
+def installed_version(name: str):
+    """The installed version of a distribution, or None."""
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def version_problems(slicer_version: tuple[int, int] | None, in_slicer: bool = True) -> list[str]:
+    """One message per reason the engine cannot run here (Slicer or Python too old, an installed package below its
+    floor), each naming the fix: Slicer's Python console when `in_slicer`, else pip. `slicer_version` is None outside
+    Slicer. Packages that are missing are not problems: the module's installer adds them. Installs nothing."""
+    python_version = sys.version_info[:2]
+    if (slicer_version is not None and slicer_version < MINIMUM_SLICER_VERSION) or python_version < MINIMUM_PYTHON_VERSION:
+        if slicer_version is None:
+            return [_("R1Seg3D needs Python {python} or newer; this is Python {thisPython}.").format(
+                python="%d.%d" % MINIMUM_PYTHON_VERSION, thisPython="%d.%d" % python_version)]
+        return [_("R1Seg3D needs 3D Slicer {slicer} or newer with Python {python} or newer; this is Slicer"
+                  " {thisSlicer} with Python {thisPython}. Install a current Slicer from"
+                  " https://download.slicer.org.").format(
+            slicer="%d.%d" % MINIMUM_SLICER_VERSION, python="%d.%d" % MINIMUM_PYTHON_VERSION,
+            thisSlicer="%d.%d" % slicer_version, thisPython="%d.%d" % python_version)]
+    problems = []
+    for name, floor in [("torch", TORCH_REQUIREMENT), *map(name_and_floor, requirement_lines())]:
+        installed = installed_version(name)
+        if installed is None or floor is None or release_numbers(installed) >= release_numbers(floor.lstrip(">=")):
+            continue
+        if not in_slicer:
+            fix = _("Update it: pip install \"{requirement}\".").format(requirement=name + floor)
+        elif name == "torch":
+            fix = _("Update it with the PyTorch extension: in the Python console run"
+                    " PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=True,"
+                    " torchVersionRequirement=\"{floor}\"), then restart Slicer.").format(floor=floor)
+        else:
+            fix = _("Update it in the Python console: slicer.util.pip_install(\"{requirement}\"),"
+                    " then restart Slicer.").format(requirement=name + floor)
+        problems.append(_("{name} {installed} is too old; R1Seg3D needs {name}{floor}.").format(
+            name=name, installed=installed, floor=floor) + " " + fix)
+    return problems
 
 
 @dataclass(frozen=True)
@@ -211,6 +286,17 @@ class R1SegSession:
                 self._predictor = self._predictor_factory(model_dir, device, dtype, **chosen)
                 self._loaded_key = key
             return self._predictor
+
+    def unload_model(self) -> None:
+        """Drop the loaded model; its memory (GPU too) goes once no running question holds it. The next question
+        loads it again."""
+        with self._predictor_lock:
+            self._predictor = None
+            self._loaded_key = None
+        gc.collect()
+        torch = sys.modules.get("torch")  # never imported here: only a loaded model has memory to give back
+        if torch is not None and torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
     def ask(self, volume, question: str, options: AskOptions, conversation=None, progress=None, cancel=None):
         if progress is not None and self._needs_loading(options):

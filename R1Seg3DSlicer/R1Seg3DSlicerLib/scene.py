@@ -416,17 +416,24 @@ def write_segments(volume_node, segments, segmentation_node=None) -> SceneChange
     _ensure_segmentation_converter_rules()
     scene = volume_node.GetScene()
 
-    if scene.GetUndoFlag():
+    # Scene undo (when on) takes the whole answer back in one step. MRML saves and restores only nodes whose
+    # UndoEnabled is on, both when the state is saved and when Undo runs (measured with slicer-core 5.13), so the
+    # flag goes on before the save for an existing segmentation (else Undo would delete it, earlier answers
+    # included) and stays on: turned off again, Undo would skip the node and leave this answer in place.
+    if segmentation_node is None:
+        segmentation_node = find_segmentation(volume_node)
+    undo = bool(scene.GetUndoFlag())
+    if undo and segmentation_node is not None:
+        segmentation_node.SetUndoEnabled(True)
+    if undo:
         scene.SaveStateForUndo()
 
     created = False
     if segmentation_node is None:
-        segmentation_node = find_segmentation(volume_node)
-    if segmentation_node is None:
-        segmentation_node = _create_segmentation(volume_node)
+        segmentation_node = _create_segmentation(volume_node)  # created after the save: Undo removes it
         created = True
-    if scene.GetUndoFlag():
-        segmentation_node.SetUndoEnabled(True)
+        if undo:
+            segmentation_node.SetUndoEnabled(True)
 
     segmentation = segmentation_node.GetSegmentation()
     segment_ids = []

@@ -74,14 +74,16 @@ class ServerQuestion:
     """One question on a server, advanced by `poll()` from the main thread.
 
     `server` is a server_process.LocalServer (started, maybe not ready yet) or None with a remote
-    `client`. `conversation_id()` is called once the server answers, to get the conversation's id there."""
+    `client`. `conversation_id()` is called once the server answers, to get the conversation's id there;
+    `on_upload(volume_id)`, when given, is told the server's id of the CT once it holds it."""
 
     def __init__(self, question_id: int, volume, question: str, options, client=None, server=None,
-                 conversation_id=None):
+                 conversation_id=None, on_upload=None):
         self.id = question_id
         self._volume, self._question, self._options = volume, question, options
         self._server, self._client = server, client
         self._conversation_id = conversation_id
+        self._on_upload = on_upload
         self._job_id = None
         self._cancel_requested_at = None
         self._last_progress = None
@@ -155,6 +157,8 @@ class ServerQuestion:
     def _submit(self) -> list:
         # Short, blocking transfers on the main thread: a thread of Slicer's would be starved (see module docstring).
         volume_id = self._client.upload(volume_to_nrrd_bytes(self._volume, compress=not self._client.loopback))
+        if self._on_upload is not None:
+            self._on_upload(volume_id)
         conversation_id = self._conversation_id() if callable(self._conversation_id) else self._conversation_id
         job = self._client.submit(volume_id, self._question, conversation_id, **server_options(self._options))
         self._job_id = job["job_id"]

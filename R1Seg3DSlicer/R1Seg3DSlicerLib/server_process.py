@@ -42,9 +42,13 @@ def slicer_python() -> str:
 
 class LocalServer:
     def __init__(self, model_dir: str | None = None, device: str = "auto", dtype: str = "auto", profile: str = "auto",
-                 threads: int | None = None, python: str | None = None, environment: dict | None = None):
+                 threads: int | None = None, python: str | None = None, environment: dict | None = None,
+                 parent_pid: int | None = None):
         self.key = (model_dir or None, device, dtype, profile)
-        self._arguments = ["--device", device, "--dtype", dtype, "--profile", profile] \
+        # The server ends with its parent (this process, Slicer, unless told otherwise), so a Slicer that crashes
+        # or is killed does not leave a model holding the GPU.
+        self._arguments = ["--device", device, "--dtype", dtype, "--profile", profile,
+                           "--parent-pid", str(parent_pid or os.getpid())] \
             + (["--model", model_dir] if model_dir else []) + (["--threads", str(threads)] if threads else [])
         self._python = python or slicer_python()
         self._environment = environment

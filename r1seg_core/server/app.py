@@ -175,7 +175,10 @@ def create_app(settings: ServeSettings, token: str | None = None, max_upload_byt
 
     def done_job(job_id: str):
         job, _ = job_or_404(job_id)
-        if job.state != protocol.DONE or job.result is None:
+        if job.state == protocol.DONE and job.result is None:
+            raise RequestError(410, protocol.ERROR_NOT_FOUND, f"job {job_id}'s answer was released (its CT was "
+                               "forgotten or the model unloaded)")
+        if job.state != protocol.DONE:
             raise RequestError(409, protocol.ERROR_NOT_READY, f"job {job_id} is {job.state}, not done"
                                + (f": {job.error['detail']}" if job.error else ""))
         return job
@@ -220,6 +223,13 @@ def create_app(settings: ServeSettings, token: str | None = None, max_upload_byt
         if volume is None:
             raise RequestError(404, protocol.ERROR_NOT_FOUND, f"the server does not hold CT {volume_id}: upload it")
         return {"volume_id": volume_id, "shape": list(volume.shape)}
+
+    @app.delete("/volumes/{volume_id}")
+    async def forget_volume(volume_id: str):
+        with store_lock:
+            known = volumes.pop(volume_id, None) is not None
+        queue.forget_volume(volume_id)
+        return {"volume_id": volume_id, "forgotten": known}
 
     @app.post("/conversations", status_code=201)
     async def new_conversation(request: Request):

@@ -118,6 +118,14 @@ class Client:
     def new_conversation(self) -> str:
         return self.json("POST", "/conversations", {})["conversation_id"]
 
+    def forget_conversation(self, conversation_id: str) -> bool:
+        """Drop a conversation's turns on the server; False when it did not know it."""
+        return self.json("DELETE", f"/conversations/{urllib.parse.quote(conversation_id, safe='')}")["forgotten"]
+
+    def forget_volume(self, volume_id: str) -> bool:
+        """Drop an uploaded CT (and what the server keeps of it); False when it did not hold it."""
+        return self.json("DELETE", f"/volumes/{urllib.parse.quote(volume_id, safe='')}")["forgotten"]
+
     def submit(self, volume_id: str, question: str, conversation_id: str | None = None, **options) -> dict:
         body = {"volume_id": volume_id, "question": question, "conversation_id": conversation_id,
                 **{name: value for name, value in options.items() if value is not None}}

@@ -9,10 +9,54 @@ import logging
 import os
 import socket
 import sys
+import threading
+import time
 from pathlib import Path
 
 from ..errors import InvalidInputError, R1SegError
 from . import protocol
+
+# How often --parent-pid is looked at, and how long a graceful shutdown may take before the process ends anyway.
+PARENT_POLL_S = 0.5
+SHUTDOWN_GRACE_S = 10.0
+
+
+def process_exists(pid: int) -> bool:
+    """True while process `pid` runs. POSIX: signal 0 (a reaped process is gone; a zombie still counts). Windows:
+    os.kill would terminate it, so the process handle is asked instead."""
+    if os.name == "nt":
+        import ctypes
+
+        synchronize, wait_timeout = 0x00100000, 0x102
+        kernel32 = ctypes.windll.kernel32
+        handle = kernel32.OpenProcess(synchronize, False, pid)
+        if not handle:
+            return False
+        try:
+            return kernel32.WaitForSingleObject(handle, 0) == wait_timeout
+        finally:
+            kernel32.CloseHandle(handle)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:   # it exists, as another user's process
+        return True
+    return True
+
+
+def _end_with_parent(server, parent_pid: int) -> None:
+    """Stop serving once `parent_pid` has ended (the Slicer that started this server crashed or was killed, so
+    nothing else would ever stop it and its model would hold the memory); end the process if that hangs."""
+    def watch():
+        while process_exists(parent_pid):
+            time.sleep(PARENT_POLL_S)
+        print(f"r1seg serve: parent process {parent_pid} has ended; shutting down", file=sys.stderr, flush=True)
+        server.should_exit = True
+        time.sleep(SHUTDOWN_GRACE_S)
+        os._exit(1)   # still here: a question stuck in native code holds the shutdown
+
+    threading.Thread(target=watch, name="r1seg parent watch", daemon=True).start()
 
 
 def command_serve(args) -> int:
@@ -28,6 +72,8 @@ def command_serve(args) -> int:
                                 "(chmod 600) and pass --token-file, or keep the default --host 127.0.0.1")
     if args.max_upload_mb <= 0 or args.max_waiting < 0:
         raise InvalidInputError("--max-upload-mb must be positive and --max-waiting at least 0")
+    if args.parent_pid is not None and (args.parent_pid <= 0 or not process_exists(args.parent_pid)):
+        raise InvalidInputError(f"--parent-pid {args.parent_pid}: no such process is running")
     token = protocol.read_token(args.token_file) if args.token_file else None
     settings = ServeSettings(model_dir=args.model, device=args.device, dtype=args.dtype, profile=args.profile,
                              threads=args.threads, max_waiting=args.max_waiting)
@@ -56,7 +102,10 @@ def command_serve(args) -> int:
     app = create_app(settings, token=token, max_upload_bytes=args.max_upload_mb << 20, loopback_only=loopback,
                      on_ready=on_ready)
     config = uvicorn.Config(app, log_level="warning", server_header=False, timeout_keep_alive=30)
-    uvicorn.Server(config).run(sockets=[sock])
+    server = uvicorn.Server(config)
+    if args.parent_pid is not None:
+        _end_with_parent(server, args.parent_pid)
+    server.run(sockets=[sock])
     return 0
 
 
@@ -77,4 +126,6 @@ def add_parser(commands) -> None:
     serve.add_argument("--max-waiting", type=int, default=2,
                        help="questions that may wait behind the running one; more are refused as busy (default 2)")
     serve.add_argument("--ready-file", help="write {\"url\", \"pid\"} as JSON here once the server answers")
+    serve.add_argument("--parent-pid", type=int, default=None,
+                       help="shut down when this process ends (the Slicer module passes its own pid)")
     serve.set_defaults(handler=command_serve)

@@ -144,6 +144,13 @@ class ModelHost:
         return {"device": str(predictor.device), "dtype": str(predictor.dtype).removeprefix("torch."),
                 "profile": predictor.profile.name, "placeholder": predictor.is_placeholder}
 
+    def clear_ct_cache(self) -> None:
+        """Drop the model's cached CT (resampled voxels, encoder outputs); only call it while no job runs."""
+        with self._lock:
+            predictor = self._predictor
+        if predictor is not None:
+            predictor.clear_cache()
+
     def unload(self) -> None:
         """Drop the model and its CT cache; only call it while no job runs (the queue's worker does)."""
         with self._lock:
@@ -246,6 +253,16 @@ class JobQueue:
     def counts(self) -> tuple[bool, int]:
         with self._lock:
             return self._running is not None, len(self._waiting)
+
+    def forget_volume(self, volume_id: str) -> None:
+        """A client is done with a CT: finished jobs on it let go of it and their answers, and the model's cached CT
+        goes too unless a question runs or waits (the worker takes jobs under this lock, so none starts meanwhile)."""
+        with self._lock:
+            for job in self._jobs.values():
+                if job.volume_id == volume_id and job.state in protocol.TERMINAL_STATES:
+                    job.volume = job.result = None
+            if self._running is None and not self._waiting:
+                self.host.clear_ct_cache()
 
     def unload(self, timeout: float) -> bool:
         """Cancel every job, then free the model on the worker (where nothing else holds it); True when done."""

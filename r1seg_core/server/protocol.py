@@ -8,6 +8,8 @@ is ever unpickled: a body that is not NRRD is refused before any reader sees it.
     GET  /model                        the model card: {"model_dir", "card", "text", "placeholder", "device", ...}
     POST /volumes         NRRD bytes   201 {"volume_id", "shape"}; the id is the SHA-256 of the bytes
     GET  /volumes/{id}                 200 {"volume_id", "shape"} or 404 (upload it, then ask)
+    DELETE /volumes/{id}               {"forgotten"}: drop the CT, its finished jobs' data and, when idle, the
+                                       model's cached CT
     POST /conversations   {}           201 {"conversation_id"}
     DELETE /conversations/{id}         forget its turns
     POST /jobs            JobRequest   202 {"job_id", "state": "queued"|"running", "position"}
