@@ -189,6 +189,10 @@ def test_split_files_give_training_the_train_part_and_refuse_a_case_in_both(shar
     write_json(split, {"train": ["ts_abdomen_3mm", "ts_dicom_series"], "test": ["ts_dicom_series"]})
     with pytest.raises(InvalidInputError, match="'ts_dicom_series' is in both the 'train' and the 'test' part"):
         list_cases(spec)
+    # A split naming cases the source does not have (ids written for another conversion) is refused.
+    write_json(split, {"train": ["ts_abdomen_3mm", "img0001"], "test": ["ts_dicom_series"]})
+    with pytest.raises(InvalidInputError, match=r"1 of the 2 'train' cases .* are not in .*'img0001'"):
+        list_cases(spec)
     # M3D-Seg's own per-dataset json, read by the npy layouts.
     code = tmp_path / "0000"
     code.mkdir()

@@ -94,17 +94,26 @@ def test_an_unset_variable_in_a_recipe_path_names_the_file_the_key_and_the_varia
 SCRIPTS = ["slurm/two_nodes.sbatch", "slurm/prepare.sbatch", "run_stages.sh", "launch.sh"]
 
 # Stand-ins for what only a SLURM cluster has. srun records its command line and the job's environment, then
-# (as a job step would) runs until it ends; scontrol answers `show hostnames` and records `requeue`.
+# (as a job step would) runs until it ends, answering a checkpoint request as the ranks do (training/train.py:
+# checkpoint, then delete the request); scontrol answers `show hostnames` and records `requeue`.
 STUB_SRUN = '''#!/bin/bash
 echo $$ > "$RECORD/srun.pid"
 python3 -c 'import json, os, sys; print(json.dumps({"argv": sys.argv[1:], "env": dict(os.environ)}))' "$@" \\
     >> "$RECORD/srun.jsonl"
-exec sleep "${SRUN_SECONDS:-0}"
+end=$((SECONDS + ${SRUN_SECONDS:-0}))
+while [ "$SECONDS" -lt "$end" ]; do
+    if [ -e "$OUTPUT/CHECKPOINT_NOW" ]; then
+        sleep 1                                   # the step in progress, then the checkpoint
+        echo checkpoint >> "$RECORD/events.log"
+        rm "$OUTPUT/CHECKPOINT_NOW"
+    fi
+    sleep 0.1
+done
 '''
 STUB_SCONTROL = '''#!/bin/bash
 case "$1 $2" in
     "show hostnames") echo gpu-a01; echo gpu-a02 ;;
-    requeue*) echo "$*" >> "$RECORD/scontrol.log" ;;
+    requeue*) echo "$*" >> "$RECORD/scontrol.log"; echo requeue >> "$RECORD/events.log" ;;
     *) echo "unexpected scontrol $*" >&2; exit 1 ;;
 esac
 '''
@@ -174,6 +183,9 @@ def test_the_pre_timeout_signal_requeues_the_job(tmp_path):
     output, _ = job.communicate(timeout=30)
     assert log.read_text() == "requeue 123457\n", output
     assert "requeueing job 123457" in output
+    # The checkpoint came first: the requeued job loses no step.
+    assert (tmp_path / "events.log").read_text() == "checkpoint\nrequeue\n", output
+    assert not (tmp_path / "run" / "CHECKPOINT_NOW").exists()
 
 
 def test_collective_timeout_comes_from_the_environment():

@@ -356,6 +356,55 @@ def test_recipes_load_and_refuse_unknown_settings(tmp_path, monkeypatch):
         load_recipe(broken)
 
 
+def test_slurm_logs_go_to_a_folder_that_exists_before_the_job_starts():
+    # SLURM opens --output before the script runs, so a folder the script creates (or a git-ignored one) is too late:
+    # the log must be in the submit directory (the repository root) or in a folder a fresh clone holds.
+    import re
+    import subprocess
+
+    tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True)
+    if tracked.returncode != 0:
+        pytest.skip("not a git checkout: cannot tell which folders a fresh clone holds")
+    clone_folders = {str(parent) for line in tracked.stdout.splitlines() for parent in Path(line).parents}
+    scripts = sorted((REPO / "training" / "slurm").glob("*.sbatch"))
+    assert scripts
+    for script in scripts:
+        outputs = re.findall(r"^#SBATCH\s+(?:--output=|-o\s*)(\S+)", script.read_text(), re.MULTILINE)
+        assert outputs, f"{script.name} sets no --output"
+        for output in outputs:
+            folder = str(Path(output).parent)
+            assert folder == "." or folder in clone_folders, f"{script.name}: --output={output} is in {folder}/"
+
+
+M3D_SEG_CODES = [f"{index:04d}" for index in range(25)]     # model_anchors.md §4.1
+
+
+def test_paper_recipes_train_on_the_train_part_of_m3d_seg_split_files(tmp_path, monkeypatch):
+    from training.data.cases import list_cases
+
+    data = tmp_path / "data"
+    monkeypatch.setenv("R1SEG_MODELS", str(tmp_path / "models"))
+    monkeypatch.setenv("R1SEG_DATA", str(data))
+    for name in ("paper-phi3", "paper-llama3", "original-phi3"):
+        sources = load_recipe(REPO / "training" / "recipes" / name).sources
+        assert sorted(s.vocabulary_dataset for s in sources) == M3D_SEG_CODES, name
+        for spec in sources:
+            # M3D-Seg ships <code>/<code>.json (train and test lists) with every dataset; the test part is for evaluation.
+            assert spec.split_file == str(data / spec.path.name / f"{spec.path.name}.json"), (name, spec.name)
+            assert spec.split == "train", (name, spec.name)
+    # The recipe's TotalSegmentator source on a converted folder holding M3D-Seg's json as SegVol wrote it (each entry
+    # names the case by its folder on the producer's machine): only the train cases are read.
+    spec = next(s for s in sources if s.name == "0011")
+    for case in ("s0001", "s0002", "s0003"):
+        (data / "0011" / case / "segmentations").mkdir(parents=True)
+    (data / "0011" / "0011.json").write_text(json.dumps({
+        "labels": {"0": "background", "1": "spleen"},
+        "train": [{"image": f"/m3d/0011/{c}/image.npy", "label": f"/m3d/0011/{c}/mask_(104, 9).npz"}
+                  for c in ("s0001", "s0003")],
+        "test": [{"image": "/m3d/0011/s0002/image.npy", "label": "/m3d/0011/s0002/mask_(104, 9).npz"}]}))
+    assert [entry.case_id for entry in list_cases(spec)] == ["s0001", "s0003"]
+
+
 # ---- trainable sets, epoch counting, the paper and original recipes ------------------------------------------------
 
 

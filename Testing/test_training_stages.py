@@ -85,9 +85,21 @@ def run_stages(recipe: Path, output: Path, data: Path | None = None) -> subproce
 def trained(tmp_path_factory, shared_ct):
     root = tmp_path_factory.mktemp("training")
     recipe = short_recipe(root, shared_ct)
+    # A checkpoint request (what slurm/two_nodes.sbatch makes on the pre-timeout signal) waiting before the run.
+    (root / "run").mkdir()
+    (root / "run" / "CHECKPOINT_NOW").touch()
     result = run_stages(recipe, root / "run")
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     return root / "run", recipe
+
+
+def test_a_checkpoint_request_is_answered_after_the_current_step(trained):
+    run, _ = trained
+    # Stage 1's first step is not a multiple of SAVE_EVERY: only the request makes this checkpoint.
+    assert 1 % SAVE_EVERY != 0
+    assert "[stage 1] checkpoint step 1 written on request" in (run / "stage1" / "train.log").read_text()
+    assert not (run / "CHECKPOINT_NOW").exists()
+    assert all("on request" not in (run / f"stage{n}" / "train.log").read_text() for n in (2, 3, 4))
 
 
 def metrics(run: Path, stage: int) -> list[dict]:

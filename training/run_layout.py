@@ -6,6 +6,7 @@
     <output>/stage<N>/validation.npz   the latest validation's windows, labels and predicted masks
     <output>/stage<N>/model/           stage N's exported model folder, the next stage's starting point
     <output>/final/                    stage 4's export: the trained model for `r1seg ask --model`
+    <output>/CHECKPOINT_NOW            a request: the running stage checkpoints after its current step, then deletes it
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from pathlib import Path
 
 FINGERPRINT_NAME = "frozen_fingerprint.json"
 PLAN_NAME = "run_plan.json"
+CHECKPOINT_REQUEST_NAME = "CHECKPOINT_NOW"
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,11 @@ class StagePaths:
     def plan(self) -> Path:
         """The rank count and batch split the checkpoints were written with (a resume must use the same)."""
         return self.checkpoints / PLAN_NAME
+
+    @property
+    def checkpoint_request(self) -> Path:
+        """Created by anyone (slurm/two_nodes.sbatch on the pre-timeout signal) who wants a checkpoint now."""
+        return self.output / CHECKPOINT_REQUEST_NAME
 
     @property
     def validation(self) -> Path:

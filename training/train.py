@@ -272,8 +272,15 @@ def train(run: StageRun, config: StageConfig, paths: StagePaths, ranks: Ranks) -
                             "grad_norm": float(grad_norm) if grad_norm is not None else None,
                             "seconds": seconds, "samples_per_s": run.samples_per_step / seconds, "eta_s": eta,
                             "peak_memory_gib": peak})
-        if done % config.save_every_steps == 0 or done == run.steps:
+        # Every rank reads the request (a shared run folder), and the maximum makes them agree on the same step.
+        requested = max_over_ranks(float(paths.checkpoint_request.exists()), ranks.device) > 0
+        if done % config.save_every_steps == 0 or done == run.steps or requested:
             save(run.engine, paths, done, config.keep_checkpoints, ranks)
+        if requested:
+            if ranks.is_main:
+                paths.checkpoint_request.unlink(missing_ok=True)  # the requester waits for this: the checkpoint is done
+                print(f"[stage {stage}] checkpoint step {done} written on request", flush=True)
+            barrier()       # no rank reads the request again before it is gone
     if logbook is not None:
         logbook.close()
 

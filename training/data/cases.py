@@ -145,6 +145,15 @@ def _in_split(spec: SourceSpec, entries: list[CaseEntry]) -> list[CaseEntry]:
     if spec.split_file is None:
         return entries
     wanted = set(split_case_ids(spec.split_file, spec.split))
+    # A split written for other case names (M3D-Seg's "img0001" for a converted "0001") would quietly train on a
+    # fraction of the part, or on nothing.
+    unmatched = sorted(wanted - {e.case_id for e in entries})
+    if unmatched:
+        found = sorted(e.case_id for e in entries)
+        raise InvalidInputError(
+            f"data source {spec.name!r}: {len(unmatched)} of the {len(wanted)} {spec.split!r} cases of "
+            f"{spec.split_file} are not in {spec.path} (e.g. {unmatched[:3]}; its cases are named like {found[:3]}); "
+            "write the split file with the converted cases' ids, or remove the cases the download lacks")
     return [e for e in entries if e.case_id in wanted]
 
 
