@@ -11,7 +11,6 @@ import enum
 import importlib.util
 import logging
 import os
-import pathlib
 import sys
 import tempfile
 from typing import Annotated
@@ -72,7 +71,6 @@ class R1Seg3DSlicer(ScriptedLoadableModule):
 
 
 # The bundled CT (r1seg_core/data/README.md: TotalSegmentator's example CT, Apache-2.0), offered in Sample Data.
-SAMPLE_CT_FILE = "sample_ct.nii.gz"
 SAMPLE_CT_CHECKSUM = "SHA256:dbd3ae6d614d1d7ef3a46925c30c70038ed52da6b37fdd6afdc7b9b71387e3e1"
 
 
@@ -94,18 +92,19 @@ def registerSampleData():
     nothing is downloaded."""
     import SampleData
 
-    engineSpec = importlib.util.find_spec("r1seg_core")  # finds the package without importing the engine
-    if engineSpec is None or not engineSpec.submodule_search_locations:
+    try:
+        from r1seg_core import sample_ct_path  # the package's __init__ only: no SimpleITK or torch at start-up
+    except ImportError:
         return
-    path = os.path.join(list(engineSpec.submodule_search_locations)[0], "data", SAMPLE_CT_FILE)
-    if not os.path.isfile(path):
+    path = sample_ct_path()
+    if not path.is_file():
         return
     SampleData.SampleDataLogic.registerCustomSampleDataSource(
         category="R1Seg3D",
         sampleName="R1Seg3DSampleCT",
         thumbnailFileName=os.path.join(os.path.dirname(__file__), "Resources", "Icons", "R1Seg3DSlicer.png"),
-        uris=pathlib.Path(path).as_uri(),
-        fileNames=SAMPLE_CT_FILE,
+        uris=path.as_uri(),
+        fileNames=path.name,
         nodeNames="R1Seg3D sample CT",
         checksums=SAMPLE_CT_CHECKSUM,
         loadFileType="VolumeFile",
@@ -186,7 +185,6 @@ class R1Seg3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode = None
         self._parameterNodeGuiTag = None
         self._questionVolumeNodeId = None
-        self._questionText = None
         self._questionOptions = None
         self._shownTranscript = None
         self._notice = ""  # a one-off status message (e.g. "Select a CT volume first.")
@@ -343,7 +341,6 @@ class R1Seg3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.chat.send(question, volumeNode.GetName())
         self.ui.questionEdit.clear()
         self._questionVolumeNodeId = volumeNode.GetID()
-        self._questionText = question
         # Kept for the error message and the provenance record: the settings may change while the question runs.
         self._questionOptions = self.logic.askOptions(self._parameterNode)
         try:
@@ -378,8 +375,8 @@ class R1Seg3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.chat.fail(_("The volume was removed while the question ran; nothing was added."))
             return
         try:
-            record = self.logic.answerRecord(volumeNode, self._questionText, result, self._questionOptions,
-                                             self.chat.elapsed_s)
+            record = self.logic.answerRecord(volumeNode, self.chat.pending_turn.question, result,
+                                             self._questionOptions, self.chat.elapsed_s)
             with slicer.util.RenderBlocker():
                 change, found = self.logic.writeAnswer(volumeNode, result, record)
         except Exception as error:
@@ -658,15 +655,20 @@ class R1Seg3DSlicerLogic(ScriptedLoadableModuleLogic):
             self._remote = remote
             self._forgetServerState()
 
+    def _remoteClient(self):
+        """A client of the remote server set by setRemoteServer."""
+        from r1seg_core.server.client import Client
+
+        return Client(*self._remote)
+
     def _startServerQuestion(self, volume, volumeNodeId, question, options) -> int:
         from R1Seg3DSlicerLib import server_client, server_process
-        from r1seg_core.server.client import Client
 
         if self.busy:
             raise RuntimeError("A question is already running.")
         client, server = None, None
         if self._remote is not None:
-            client = Client(*self._remote)
+            client = self._remoteClient()
         else:
             key = (options.model_dir or None, options.device, options.dtype, options.profile)
             if self._server is not None and (self._server.key != key or not self._server.running):
@@ -707,9 +709,7 @@ class R1Seg3DSlicerLogic(ScriptedLoadableModuleLogic):
         the blocking `process` (or a scripted session's worker) is dropped too."""
         self.cancel()
         if self._remote is not None:
-            from r1seg_core.server.client import Client
-
-            Client(*self._remote).unload()
+            self._remoteClient().unload()
             self._uploadedVolumes = set()   # unloading drops the server's CTs (its conversations stay)
         self.stopServer()
         self._question = None
@@ -774,9 +774,7 @@ class R1Seg3DSlicerLogic(ScriptedLoadableModuleLogic):
         """Call `forget(client)` on the server in use, if one answers now; nothing is started for it. A server that
         cannot be reached has lost its state anyway, so that is logged, not raised."""
         if self._remote is not None:
-            from r1seg_core.server.client import Client
-
-            client = Client(*self._remote)
+            client = self._remoteClient()
         elif self._server is not None and self._server.ready:
             client = self._server.client
         else:

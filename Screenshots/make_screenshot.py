@@ -25,7 +25,7 @@ import vtk
 from vtk.util import numpy_support
 
 from r1seg_core import Predictor, read_volume
-from r1seg_core.volume import sample_ct_path
+from r1seg_core import sample_ct_path
 
 REPO = Path(__file__).resolve().parents[1]
 TERMINOLOGY_FILE = REPO / "R1Seg3DSlicer" / "Resources" / "R1Seg3D.term.json"

@@ -9,7 +9,8 @@ import torch
 
 from r1seg_core.inference import Predictor
 from r1seg_core.preprocess import PreprocessConfig, input_grid_tensor, model_space_tensor, to_input_grid, to_model_space
-from r1seg_core.volume import Volume, read_volume, sample_ct_path
+from r1seg_core import sample_ct_path
+from r1seg_core.volume import Volume, read_volume
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

@@ -205,7 +205,8 @@ import json, re, resource, sys
 import numpy as np
 from r1seg_core.errors import OutOfMemoryError
 from r1seg_core.inference import Predictor
-from r1seg_core.volume import read_volume, sample_ct_path
+from r1seg_core import sample_ct_path
+from r1seg_core.volume import read_volume
 
 def limit_address_space(extra_mb):
     size_kb = int(re.search(r"VmSize:\\s+(\\d+)", open("/proc/self/status").read()).group(1))

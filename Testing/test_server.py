@@ -25,7 +25,8 @@ from r1seg_core.inference import Conversation, Predictor  # noqa: E402
 from r1seg_core.server import protocol  # noqa: E402
 from r1seg_core.server.client import Client, ServerBusy, ServerError  # noqa: E402
 from r1seg_core.server.nrrd import mask_from_nrrd_bytes, volume_to_nrrd_bytes  # noqa: E402
-from r1seg_core.volume import read_volume, sample_ct_path  # noqa: E402
+from r1seg_core import sample_ct_path  # noqa: E402
+from r1seg_core.volume import read_volume  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "R1Seg3DSlicer"))

@@ -607,6 +607,12 @@ def run_logic_question(logic, volume_node, timeout=10.0, options=engine.AskOptio
     return events
 
 
+def scripted_logic(module, predictor_factory):
+    """The module's Logic with a scripted predictor (run on its worker thread) and no vocabulary."""
+    return module.R1Seg3DSlicerLogic(session=engine.R1SegSession(predictor_factory=predictor_factory,
+                                                                  vocabulary_loader=lambda: None))
+
+
 @pytest.fixture
 def scene_with_ct():
     """A headless MRML scene holding a small CT node (the engine must be importable for the Logic's runs)."""
@@ -622,8 +628,7 @@ def test_logic_runs_a_question_in_the_background_and_writes_it(module, scene_wit
     from R1Seg3DSlicerLib import scene
 
     headless, volume_node = scene_with_ct
-    logic = module.R1Seg3DSlicerLogic(session=engine.R1SegSession(
-        predictor_factory=lambda folder, device, dtype: WindowedPredictor(), vocabulary_loader=lambda: None))
+    logic = scripted_logic(module, lambda folder, device, dtype: WindowedPredictor())
     try:
         events = run_logic_question(logic, volume_node)
         progress = [(e.done, e.stage) for e in events if isinstance(e, worker.ProgressEvent)]
@@ -647,7 +652,7 @@ def test_precision_setting_reaches_the_predictor_and_a_change_reloads_it(module,
         loads.append(dtype)
         return WindowedPredictor(windows=1)
 
-    logic = module.R1Seg3DSlicerLogic(session=engine.R1SegSession(predictor_factory=factory, vocabulary_loader=lambda: None))
+    logic = scripted_logic(module, factory)
     parameters = SimpleNamespace(useModelDefaults=True, modelFolder="", device=module.DeviceChoice.CPU,
                                  precision=module.PrecisionChoice.BFLOAT16, profile=module.ProfileChoice.AUTO,
                                  slidingWindow=True, refinementLoops=1, windowOverlap=0.5)
@@ -690,9 +695,7 @@ def test_the_logic_keeps_each_answers_provenance_with_its_segments(module, scene
     from R1Seg3DSlicerLib import provenance
 
     headless, volume_node = scene_with_ct
-    logic = module.R1Seg3DSlicerLogic(session=engine.R1SegSession(
-        predictor_factory=lambda folder, device, dtype: WindowedPredictor(windows=2, pause=0.01),
-        vocabulary_loader=lambda: None))
+    logic = scripted_logic(module, lambda folder, device, dtype: WindowedPredictor(windows=2, pause=0.01))
     try:
         # Blocking (scripts): the record is written with the segments.
         result, change, _ = logic.process(volume_node, "segment the liver", engine.AskOptions(device="cpu", loops=1))
@@ -820,7 +823,7 @@ def test_unload_model_frees_a_model_loaded_by_the_blocking_process(module, scene
         loaded.append(weakref.ref(predictor))
         return predictor
 
-    logic = module.R1Seg3DSlicerLogic(session=engine.R1SegSession(predictor_factory=factory, vocabulary_loader=lambda: None))
+    logic = scripted_logic(module, factory)
     options = engine.AskOptions(device="cpu")
     logic.process(volume_node, "segment the liver", options)
     logic.process(volume_node, "and again", options)

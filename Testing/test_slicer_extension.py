@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,7 +39,7 @@ def installs(module, monkeypatch):
     return calls
 
 
-def pretend_installed(module, monkeypatch, **versions):
+def pretend_installed(monkeypatch, **versions):
     real = engine.metadata.version
     monkeypatch.setattr(engine.metadata, "version", lambda name: versions.get(name) or real(name))
 
@@ -48,7 +49,7 @@ def pretend_installed(module, monkeypatch, **versions):
     ("transformers", "4.55.2", 'slicer.util.pip_install("transformers>=4.56")'),
 ])
 def test_too_old_torch_or_transformers_is_refused_with_the_fix(module, installs, monkeypatch, caplog, package, old, fix):
-    pretend_installed(module, monkeypatch, **{package: old})
+    pretend_installed(monkeypatch, **{package: old})
     logic = module.R1Seg3DSlicerLogic(session=engine.R1SegSession())
     assert not logic.ensureEngineInstalled(interactive=False)
     assert f"{package} {old} is too old" in caplog.text and fix in caplog.text
@@ -109,9 +110,9 @@ def test_every_vocabulary_code_resolves_through_slicers_terminology_logic():
 
 def test_segments_take_colour_and_entry_from_the_terminology():
     headless = scene.create_headless_scene()
-    volume_node = scene.add_volume_node(headless.scene, __import__("numpy").zeros((4, 5, 6), "int16"),
-                                        (1, 1, 1), (0, 0, 0), __import__("numpy").eye(3), "ct")
-    mask = __import__("numpy").ones((4, 5, 6), "uint8")
+    volume_node = scene.add_volume_node(headless.scene, np.zeros((4, 5, 6), "int16"), (1, 1, 1), (0, 0, 0), np.eye(3),
+                                        "ct")
+    mask = np.ones((4, 5, 6), "uint8")
     left_kidney = next(s for s in STRUCTURES if s["name"] == "left kidney")
     unknown = scene.SegmentTerminology(scene.Code("SCT", "123037004", "Anatomical Structure"),
                                        scene.Code("SCT", "1", "Not in the vocabulary"))
@@ -124,6 +125,26 @@ def test_segments_take_colour_and_entry_from_the_terminology():
     assert "SCT^7771000^Left" in kidney.GetTerminology()
     # Codes the context lacks are kept as given, with the colour they came with.
     assert tuple(round(c * 255) for c in other.GetColor()) == (4, 5, 6) and "SCT^1^" in other.GetTerminology()
+
+
+# ---- Sample Data ---------------------------------------------------------------------------------
+
+
+def test_the_sample_ct_is_offered_in_sample_data_with_its_true_checksum(module, monkeypatch):
+    import hashlib
+    from urllib.parse import urlparse
+    from urllib.request import url2pathname
+
+    registered = []
+    sample_data = SimpleNamespace(SampleDataLogic=SimpleNamespace(
+        registerCustomSampleDataSource=lambda **kwargs: registered.append(kwargs)))
+    monkeypatch.setitem(sys.modules, "SampleData", sample_data)
+    module.registerSampleData()
+    (source,) = registered
+    path = Path(url2pathname(urlparse(source["uris"]).path))
+    assert path == REPO / "r1seg_core" / "data" / source["fileNames"] and path.is_file()
+    # Sample Data verifies the file against this before loading it: a replaced CT must come with a new checksum.
+    assert source["checksums"] == "SHA256:" + hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 # ---- the panel's .ui ----------------------------------------------------------------------------

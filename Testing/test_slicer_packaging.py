@@ -449,8 +449,7 @@ ASK_FROM_THE_INSTALL_TREE = textwrap.dedent("""
     import torch
     torch.set_num_threads(1)
     import r1seg_core
-    from r1seg_core import Predictor, read_volume
-    from r1seg_core.volume import sample_ct_path
+    from r1seg_core import Predictor, read_volume, sample_ct_path
 
     predictor = Predictor(device="cpu")
     result = predictor.ask(read_volume(sample_ct_path()), "Segment the liver.", sliding_window=False)

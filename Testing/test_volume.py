@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from r1seg_core import sample_ct_path
 from r1seg_core import volume as volume_module
 from r1seg_core.errors import InvalidInputError
 from r1seg_core.volume import (
     Volume,
     read_volume,
-    sample_ct_path,
     validate_ct,
     validate_geometry,
     write_labelmap,

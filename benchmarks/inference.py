@@ -20,7 +20,8 @@ import torch
 from r1seg_core.inference import Predictor
 from r1seg_core.inference.predictor import resolve_device, resolve_dtype
 from r1seg_core.model import build_model, preset_config
-from r1seg_core.volume import Volume, read_volume, sample_ct_path, write_labelmap
+from r1seg_core import sample_ct_path
+from r1seg_core.volume import Volume, read_volume, write_labelmap
 
 
 def synthetic_ct(shape_zyx: tuple[int, int, int], spacing_zyx=(2.0, 1.0, 1.0)) -> Volume:

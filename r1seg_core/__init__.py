@@ -7,11 +7,18 @@ from pathlib import Path
 __version__ = "0.1.0"
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "data" / "default_model"
+SAMPLE_CT_PATH = Path(__file__).resolve().parent / "data" / "sample_ct.nii.gz"
 
 
 def default_model_path() -> Path:
     """The model `r1seg ask` and the Slicer module use when none is given (ships with the package)."""
     return DEFAULT_MODEL_DIR
+
+
+def sample_ct_path() -> Path:
+    """The bundled abdominal CT (TotalSegmentator example, Apache-2.0; see data/README.md). Here rather than in
+    volume.py so that Slicer can offer it in Sample Data at start-up without importing SimpleITK."""
+    return SAMPLE_CT_PATH
 
 
 def __getattr__(name):
@@ -31,4 +38,4 @@ def __getattr__(name):
 
 
 __all__ = ["AnswerResult", "Conversation", "Predictor", "R1Seg3D", "TargetResult", "Volume", "build_model",
-           "default_model_path", "load_model", "preset_config", "read_volume"]
+           "default_model_path", "load_model", "preset_config", "read_volume", "sample_ct_path"]

@@ -33,6 +33,7 @@ def _progress_bar():
 
 
 def command_ask(args) -> int:
+    check_output_folders(args)
     if args.server:
         from .server.client import ask_command
 
@@ -41,10 +42,6 @@ def command_ask(args) -> int:
     from .inference import Predictor
     from .volume import read_volume
 
-    outputs = [Path(p) for p in (args.output, args.json) if p]
-    for path in outputs:
-        if not path.parent.is_dir():
-            raise InvalidInputError(f"output folder {path.parent} does not exist")
     model_dir = Path(args.model) if args.model else default_model_path()
     predictor = Predictor(model_dir, device=args.device, dtype=args.dtype, profile=args.profile)
     if predictor.is_placeholder:
@@ -57,21 +54,41 @@ def command_ask(args) -> int:
     result = predictor.ask(volume, args.question, overlap=args.overlap, loops=args.loops, window_batch=args.window_batch,
                            answer_mode=args.answer_mode, global_step=args.global_step,
                            sliding_window=not args.no_sliding_window, seed=args.seed, progress=_progress_bar())
-    for note in result.notes:
-        print(f"note: {note}", file=sys.stderr)
-    print(result.answer)
-    for target in result.targets:
-        print(f"  {target.name}: {target.status}, {target.volume_ml:.1f} mL, {target.voxel_count} voxels")
+    summary = result.to_dict()
+    print_answer(summary)
     if args.output:
         # Also when nothing was found: empty, named segments, so a script can tell "absent" from a lost file.
         result.write(args.output, volume, _colors(result))
-        print(f"wrote {args.output}" + ("" if result.present else " (no target found: its segments are empty)"))
     if args.json:
         result.write_json(args.json)
+    print_outputs(args, summary)
+    return 0
+
+
+def check_output_folders(args) -> None:
+    """Before any work: an output whose folder is missing would otherwise fail after the whole answer."""
+    for path in (Path(p) for p in (args.output, args.json) if p):
+        if not path.parent.is_dir():
+            raise InvalidInputError(f"output folder {path.parent} does not exist")
+
+
+def print_answer(summary: dict) -> None:
+    """`r1seg ask`'s report of an answer (AnswerResult.to_dict(), here or from a server): notes, text, targets."""
+    for note in summary["notes"]:
+        print(f"note: {note}", file=sys.stderr)
+    print(summary["answer"])
+    for target in summary["targets"]:
+        print(f"  {target['name']}: {target['status']}, {target['volume_ml']:.1f} mL, {target['voxel_count']} voxels")
+
+
+def print_outputs(args, summary: dict) -> None:
+    """What `r1seg ask` wrote, and the timings when asked for."""
+    if args.output:
+        print(f"wrote {args.output}" + ("" if summary["present"] else " (no target found: its segments are empty)"))
+    if args.json:
         print(f"wrote {args.json}")
     if args.timings:
-        print(json.dumps(result.to_dict()["timings_s"], indent=2))
-    return 0
+        print(json.dumps(summary["timings_s"], indent=2))
 
 
 def _colors(result) -> dict[int, tuple[int, int, int]]:

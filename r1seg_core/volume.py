@@ -23,7 +23,6 @@ import SimpleITK as sitk
 
 from .errors import InvalidInputError
 
-_SAMPLE_CT = Path(__file__).resolve().parent / "data" / "sample_ct.nii.gz"
 
 # Longest suffix first: ".seg.nrrd" must win over ".nrrd".
 _LABELMAP_SUFFIXES = (".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".mha")
@@ -325,6 +324,20 @@ def resample_labels(labels: Volume, reference: Volume) -> np.ndarray:
     return resample_labels_to_grid(labels, reference.shape, reference.spacing, reference.origin, reference.direction)
 
 
+# The share of a label's foreground volume that may go missing when it is moved onto a CT's grid (partial voxels at
+# the edges); more means the label belongs to another scan or crop.
+LOST_FOREGROUND_TOLERANCE = 0.1
+
+
+def lost_foreground(labels: Volume, resampled: np.ndarray, spacing_xyz) -> float:
+    """The share of `labels`' foreground volume (mm3) missing from `resampled`, its copy on a grid of `spacing_xyz`."""
+    before = np.count_nonzero(labels.array) * float(np.prod(labels.spacing))
+    if before == 0:
+        return 0.0
+    after = np.count_nonzero(resampled) * float(np.prod(spacing_xyz))
+    return max(0.0, 1.0 - after / before)
+
+
 def resample_labels_to_grid(labels: Volume, shape_zyx, spacing_xyz, origin, direction) -> np.ndarray:
     """`resample_labels` onto a grid given by its geometry (z, y, x shape; x, y, z spacing; LPS origin, direction)."""
     grid = sitk.Image([int(n) for n in shape_zyx[::-1]], sitk.sitkUInt16)
@@ -489,6 +502,3 @@ def _write_atomically(image: sitk.Image, path: Path, suffix: str) -> None:
         temporary.unlink(missing_ok=True)
 
 
-def sample_ct_path() -> Path:
-    """The bundled abdominal CT (TotalSegmentator example, Apache-2.0; see data/README.md)."""
-    return _SAMPLE_CT

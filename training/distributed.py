@@ -81,10 +81,11 @@ def mean_over_ranks(values: torch.Tensor) -> torch.Tensor:
     return values / torch.distributed.get_world_size()
 
 
-def max_over_ranks(value: float, device: torch.device) -> float:
-    bound = torch.tensor([value], dtype=torch.float64, device=device)
-    torch.distributed.all_reduce(bound, op=torch.distributed.ReduceOp.MAX)
-    return float(bound)
+def max_over_ranks(values: list[float], device: torch.device) -> list[float]:
+    """Each value's maximum over the ranks, in one collective."""
+    bounds = torch.tensor(values, dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(bounds, op=torch.distributed.ReduceOp.MAX)
+    return bounds.tolist()
 
 
 def require_same_on_all_ranks(value: int, device: torch.device, what: str) -> None:

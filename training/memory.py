@@ -107,13 +107,14 @@ def estimate(preset: str, stage: int, gpus: int, checkpointing: bool, batch: int
              groups: list[str] | None = None) -> dict[str, float]:
     from r1seg_core.model.stages import trainable_groups
 
+    groups = trainable_groups(stage, groups)
     counts = stage_counts(preset, stage, groups)
     batch = batch or PAPER_BATCH[preset][stage - 1]
     parts = {"weights": 2 * counts.total,
              "gradients": 2 * counts.trained / gpus + 2 * counts.largest_trained,
              "optimizer": 12 * counts.trained / gpus,
              "buckets": 2 * 2 * BUCKET_ELEMENTS,
-             "activations": activation_bytes(preset, stage, batch, checkpointing, trainable_groups(stage, groups))}
+             "activations": activation_bytes(preset, stage, batch, checkpointing, groups)}
     return {**{k: v / GIB for k, v in parts.items()}, "total": sum(parts.values()) / GIB, "batch": batch,
             "trained_millions": counts.trained / 1e6}
 

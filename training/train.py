@@ -40,11 +40,13 @@ LOSS_KEYS = ("loss", "loss_lm", "loss_dice", "loss_bce")
 
 def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """Weight decay on weight matrices only; biases and norm scales are left alone (as the paper's HF Trainer did)."""
+    def decays(p: torch.nn.Parameter) -> bool:
+        # A matrix that trains only some rows (new token embeddings) must not decay: its other rows would shrink.
+        return p.ndim >= 2 and trained_rows(p) is None
+
     trained = [p for p in model.parameters() if p.requires_grad]
-    # A matrix that trains only some rows (new token embeddings) must not decay: its other rows would shrink.
-    decayed = [p for p in trained if p.ndim >= 2 and trained_rows(p) is None]
-    return [{"params": decayed, "weight_decay": weight_decay},
-            {"params": [p for p in trained if not any(p is d for d in decayed)], "weight_decay": 0.0}]
+    return [{"params": [p for p in trained if decays(p)], "weight_decay": weight_decay},
+            {"params": [p for p in trained if not decays(p)], "weight_decay": 0.0}]
 
 
 def samples_per_epoch(config: StageConfig, sources) -> int:
@@ -261,7 +263,10 @@ def train(run: StageRun, config: StageConfig, paths: StagePaths, ranks: Ranks) -
             if validate is not None:
                 val_dice = validate(module, done)
             barrier()
-        peak = max_over_ranks(peak_memory_gib(ranks.device), ranks.device)
+        # Every rank reads the checkpoint request (a shared run folder), and the maximum makes them agree on the step.
+        peak, request = max_over_ranks([peak_memory_gib(ranks.device), float(paths.checkpoint_request.exists())],
+                                       ranks.device)
+        requested = request > 0
         if logbook is not None:
             grad_norm = run.engine.get_global_grad_norm()
             # The ETA extrapolates this process's steps so far, validations and checkpoints included.
@@ -272,8 +277,6 @@ def train(run: StageRun, config: StageConfig, paths: StagePaths, ranks: Ranks) -
                             "grad_norm": float(grad_norm) if grad_norm is not None else None,
                             "seconds": seconds, "samples_per_s": run.samples_per_step / seconds, "eta_s": eta,
                             "peak_memory_gib": peak})
-        # Every rank reads the request (a shared run folder), and the maximum makes them agree on the same step.
-        requested = max_over_ranks(float(paths.checkpoint_request.exists()), ranks.device) > 0
         if done % config.save_every_steps == 0 or done == run.steps or requested:
             save(run.engine, paths, done, config.keep_checkpoints, ranks)
         if requested:

@@ -60,10 +60,10 @@ def fetch_answer(client, job_id: str) -> RemoteAnswer:
                         dict(summary["timings_s"]), summary["device"], summary["profile"])
 
 
-def ask_blocking(client, volume, question: str, options, progress=None, conversation_id=None) -> RemoteAnswer:
+def ask_blocking(client, volume, question: str, options, progress=None) -> RemoteAnswer:
     """For scripts (batch.py): send, wait, fetch. Raises the engine's error types, or ServerError."""
     volume_id = client.upload(volume_to_nrrd_bytes(volume, compress=not client.loopback))
-    job = client.submit(volume_id, question, conversation_id, **server_options(options))
+    job = client.submit(volume_id, question, **server_options(options))
     status = client.wait(job["job_id"], progress)
     if status["state"] != protocol.DONE:
         raise job_error(status)

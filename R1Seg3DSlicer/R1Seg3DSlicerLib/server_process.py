@@ -85,14 +85,12 @@ class LocalServer:
 
     def poll_ready(self) -> bool:
         """True once the server answers; raises ServerProcessError when the process has ended."""
-        if self.client is not None:
-            self.check_alive()
-            return True
         self.check_alive()
-        ready = self._folder / "ready.json"
-        if not ready.exists():
-            return False
-        self.client = Client(json.loads(ready.read_text(encoding="utf-8"))["url"], self._token)
+        if self.client is None:
+            ready = self._folder / "ready.json"
+            if not ready.exists():
+                return False
+            self.client = Client(json.loads(ready.read_text(encoding="utf-8"))["url"], self._token)
         return True
 
     def wait_ready(self, timeout: float) -> Client:

@@ -7,7 +7,6 @@ the original tensors to the model (no copy, original dtype) and save it with `R1
 """
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -18,6 +17,7 @@ from ..config import EncoderConfig, LoraConfig, R1Seg3DConfig
 from ..errors import CheckpointError
 from ..model.builder import build_model
 from ..model.image_encoder import ImageEncoder3D
+from ..model.packaged import file_sha256
 from ..prompting import IMAGE_TOKEN, SEG_TOKEN
 from .keymaps import LORA, MERGED, PEFT_PREFIX, SAM, SEGVOL_VIT, SOURCE_KINDS, KeyMapping, detect_layout, llm_family, \
     lora_target_modules, map_keys
@@ -31,7 +31,6 @@ from .segvol import ENCODER_PREFIX, write_encoder_start_point
 BASE_LLM_DIR = "base_llm"
 _EMBEDDING_KEY = "model.embed_tokens.weight"
 _CLIP_EMBEDDING_KEY = "text_encoder.clip_text_model.text_model.embeddings.token_embedding.weight"
-_HASH_CHUNK = 16 * 1024 * 1024
 _SHOWN_KEYS = 12
 
 
@@ -239,7 +238,7 @@ def _save_with_adapter(model, destination: Path) -> None:
 
 def _card(kind: str, weights: SourceWeights, mapping: KeyMapping, family: str | None = None, refine_loops: int = 0) -> dict:
     """Provenance for `r1seg info`: where the weights come from, when they were converted, what was dropped."""
-    original = [{"file": path.name, "bytes": path.stat().st_size, "sha256": _sha256(path)} for path in weights.files]
+    original = [{"file": path.name, "bytes": path.stat().st_size, "sha256": file_sha256(path)} for path in weights.files]
     common = dict(converted_on=datetime.now(timezone.utc).isoformat(timespec="seconds"), conversion=f"r1seg convert --from {kind}",
                   original_files=original, dropped_unused_keys=mapping.unused, skipped_keys=mapping.skipped)
     if kind == SEGVOL_VIT:
@@ -263,11 +262,3 @@ def _card(kind: str, weights: SourceWeights, mapping: KeyMapping, family: str | 
                 source=ORIGINAL_SOURCE_URL, source_commit=ORIGINAL_COMMIT, release=release,
                 licence=f"none stated: {ORIGINAL_REPOSITORY} has no LICENSE file; ask the authors before redistributing",
                 **common)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as stream:
-        while chunk := stream.read(_HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()

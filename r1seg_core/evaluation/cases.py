@@ -16,7 +16,6 @@ not overlap the image's, a case in two parts of a split.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,16 +24,14 @@ import numpy as np
 import SimpleITK as sitk
 
 from ..errors import InvalidInputError
+from ..model.packaged import file_sha256
 from ..vocabulary import load_vocabulary
-from ..volume import Volume, read_volume, resample_labels
+from ..volume import LOST_FOREGROUND_TOLERANCE, Volume, lost_foreground, read_volume, resample_labels
 from .splits import case_id_of, is_split_file, read_json_file, split_part
 
 CASE_KEYS = frozenset({"id", "image", "label", "classes", "dataset", "questions"})
 MASK_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
 DEFAULT_DATASET = "default"
-# The share of a label's foreground volume that may fall outside the CT when moved onto its grid (partial voxels at
-# the edges); more means the label belongs to another scan or crop. The same rule as training's preparation.
-LOST_FOREGROUND_TOLERANCE = 0.1
 
 
 @dataclass(frozen=True)
@@ -65,10 +62,6 @@ class DataList:
     sha256: str
     split: str | None                   # the part read when the list is a split file
     cases: tuple[EvalCase, ...]
-
-
-def file_sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def read_data_list(path, split: str = "test") -> DataList:
@@ -228,10 +221,9 @@ def check_grids_overlap(case: EvalCase) -> None:
 
 def _on_image_grid(labels: Volume, image: Volume, case: EvalCase, path: Path) -> np.ndarray:
     resampled = resample_labels(labels, image)
-    before = np.count_nonzero(labels.array) * float(np.prod(labels.spacing))
-    after = np.count_nonzero(resampled) * float(np.prod(image.spacing))
-    if before and 1.0 - after / before > LOST_FOREGROUND_TOLERANCE:
-        raise InvalidInputError(f"case {case.case_id!r}: {1.0 - after / before:.0%} of the label {path}'s foreground "
+    lost = lost_foreground(labels, resampled, image.spacing)
+    if lost > LOST_FOREGROUND_TOLERANCE:
+        raise InvalidInputError(f"case {case.case_id!r}: {lost:.0%} of the label {path}'s foreground "
                                 "falls outside the image: it does not belong to this scan")
     return resampled
 

@@ -88,7 +88,7 @@ def build_questions(case: EvalCase, present: list[str], kinds=KINDS, max_per_kin
         chosen = by_kind[kind]
         if max_per_kind is not None and len(chosen) > max_per_kind:
             chosen = rng.sample(chosen, max_per_kind)
-        for number, (text, targets) in enumerate(chosen, start=1):
+        for number, (text, asked) in enumerate(chosen, start=1):
             tag = f"{kind}{number}" if kind in _NUMBERED_KINDS else kind
-            questions.append(Question(kind, tag, text, targets))
+            questions.append(Question(kind, tag, text, asked))
     return questions

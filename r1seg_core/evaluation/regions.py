@@ -38,8 +38,9 @@ def absent_targets(present, annotated, vocabulary_names) -> tuple[list[str], lis
     """
     table, present = body_regions(), set(present)
     scanned = scanned_regions(present)
+    annotated_absent = set(annotated) - present
     inside = [name for name in vocabulary_names
-              if name in set(annotated) - present and table.get(name, frozenset()) & scanned]
+              if name in annotated_absent and table.get(name, frozenset()) & scanned]
     outside = [name for name in vocabulary_names
                if scanned and name not in present and table.get(name) and not table[name] & scanned]
     return inside, outside

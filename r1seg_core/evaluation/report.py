@@ -23,13 +23,13 @@ from pathlib import Path
 import numpy as np
 
 from .metrics import SCORES
+from .questions import ABSENT_KINDS
 
 FIELDS = ("id", "dataset", "target", "kind", "tag", "question", "answer", "predicted_targets", *SCORES,
           "present_gt", "present_pred", "gt_voxels", "pred_voxels", "seconds", "peak_memory_mb", "mask")
 _FLOATS = (*SCORES, "seconds", "peak_memory_mb")
 _INTEGERS = ("gt_voxels", "pred_voxels")
 _BOOLEANS = ("present_gt", "present_pred")
-ABSENT_KINDS = ("absent_in_region", "absent_out_of_region")
 OVERALL = "Overall"
 
 

@@ -24,8 +24,9 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InvalidInputError
+from ..model.packaged import file_sha256
 from ..volume import Volume, write_labelmap
-from .cases import DataList, EvalCase, file_sha256, load_case, read_data_list
+from .cases import DataList, EvalCase, load_case, read_data_list
 from .metrics import score_masks
 from .questions import KINDS, Question, build_questions
 from .report import read_rows, write_comparison, write_report, write_rows
@@ -132,11 +133,9 @@ def _timed_answer(predictor, image: Volume, question: str, settings: EvaluationS
     cuda = predictor.device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats(predictor.device)
-    # Until the reasoning work lands, only a run that asks for it passes the option (older predictors lack it).
-    ablation = {} if settings.sliding_window else {"sliding_window": False}
     start = time.perf_counter()
     result = predictor.ask(image, question, overlap=settings.overlap, loops=settings.loops,
-                           window_batch=settings.window_batch, **ablation)
+                           window_batch=settings.window_batch, sliding_window=settings.sliding_window)
     seconds = time.perf_counter() - start
     return result, seconds, peak_memory_mb(predictor.device)
 
@@ -277,8 +276,9 @@ def merge(out) -> Path:
     rows = [row for case_id in identity["cases"] for row in scored[case_id]["rows"]]
     machines = list({json.dumps(scored[c]["machine"], sort_keys=True): scored[c]["machine"] for c in scored}.values())
     write_rows(out / CASES_CSV, rows)
-    plots = plot_run(out, read_rows(out / CASES_CSV))
-    write_report(out, read_rows(out / CASES_CSV), identity, machines, plots)
+    # The report is made from cases.csv as written, as --compare reads it.
+    rows = read_rows(out / CASES_CSV)
+    write_report(out, rows, identity, machines, plot_run(out, rows))
     return out
 
 

@@ -456,10 +456,13 @@ class Predictor:
 
     def _owners(self, answers: WindowAnswers, names: list[str]) -> list[int]:
         """For generated answers: the target of each mask, by the name before its [SEG], else by its order."""
+        said_by_row: dict[int, list[str | None]] = {}     # a row's answer is read once, not once per mask
         owners = []
         for row, k in zip(answers.rows, answers.masks):
-            text = self.model.tokenizer.decode(answers.token_ids[row], skip_special_tokens=False)
-            said = [self._canonical(name) for name in targets_named_in_answer(text)]
+            if row not in said_by_row:
+                text = self.model.tokenizer.decode(answers.token_ids[row], skip_special_tokens=False)
+                said_by_row[row] = [self._canonical(name) for name in targets_named_in_answer(text)]
+            said = said_by_row[row]
             name = said[k] if k < len(said) and said[k] in names else None
             owners.append(names.index(name) if name is not None else min(k, len(names) - 1))
         return owners

@@ -37,21 +37,26 @@ def packaged_path(spec: dict) -> Path:
     if not path.exists():
         raise CheckpointError(f"{path} is missing from the installed package {spec['module']!r}; reinstall it with: {install}")
     if spec.get("sha256") and path.is_file():
-        digest = file_sha256(str(path), path.stat().st_size, path.stat().st_mtime_ns)
+        digest = _cached_sha256(str(path), path.stat().st_size, path.stat().st_mtime_ns)
         if digest != spec["sha256"]:
             raise CheckpointError(f"{path} has SHA-256 {digest}, but the model was trained on {spec['sha256']}: "
                                   f"a different version of {spec['module']!r} is installed; install the right one with: {install}")
     return path
 
 
-@lru_cache(maxsize=8)
-def file_sha256(path: str, size: int, mtime_ns: int) -> str:
-    """Hashed once per process and file version (size and mtime are part of the cache key)."""
+def file_sha256(path) -> str:
+    """A file's SHA-256, read in blocks (weight files can be larger than memory allows twice)."""
     digest = hashlib.sha256()
     with open(path, "rb") as stream:
         for block in iter(lambda: stream.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+@lru_cache(maxsize=8)
+def _cached_sha256(path: str, size: int, mtime_ns: int) -> str:
+    """Hashed once per process and file version (size and mtime are part of the cache key)."""
+    return file_sha256(path)
 
 
 def from_pretrained_arguments(spec: dict) -> tuple[Path, dict]:

@@ -63,6 +63,11 @@ class RequestError(Exception):
         self.status, self.kind, self.detail = status, kind, detail
 
 
+def _problems(errors: list[dict]) -> str:
+    """Pydantic's validation errors as one sentence: where each is, and what is wrong there."""
+    return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in errors)
+
+
 def _error(status: int, kind: str, detail: str, **extra) -> JSONResponse:
     headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
     return JSONResponse({"error": kind, "detail": detail, **extra}, status_code=status, headers=headers)
@@ -138,10 +143,11 @@ def create_app(settings: ServeSettings, token: str | None = None, max_upload_byt
         if declared is not None:
             if not declared.isdigit():
                 return _error(400, protocol.ERROR_BAD_REQUEST, "Content-Length is not a number")
-            limit = max_upload_bytes if request.url.path == "/volumes" else protocol.MAX_JSON_BYTES
+            upload = request.url.path == "/volumes"
+            limit = max_upload_bytes if upload else protocol.MAX_JSON_BYTES
             if int(declared) > limit:
                 return _error(413, protocol.ERROR_TOO_LARGE, f"the body has {declared} bytes; this server's limit for "
-                              f"{request.url.path} is {limit} bytes" + (" (r1seg serve --max-upload-mb)" if limit == max_upload_bytes else ""))
+                              f"{request.url.path} is {limit} bytes" + (" (r1seg serve --max-upload-mb)" if upload else ""))
         return await call_next(request)
 
     @app.exception_handler(RequestError)
@@ -150,8 +156,7 @@ def create_app(settings: ServeSettings, token: str | None = None, max_upload_byt
 
     @app.exception_handler(RequestValidationError)
     async def invalid_parameters(request, error: RequestValidationError):
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
-        return _error(422, protocol.ERROR_BAD_REQUEST, f"invalid request: {problems}")
+        return _error(422, protocol.ERROR_BAD_REQUEST, f"invalid request: {_problems(error.errors())}")
 
     @app.exception_handler(404)
     async def not_found(request, error):
@@ -257,8 +262,8 @@ def create_app(settings: ServeSettings, token: str | None = None, max_upload_byt
         try:
             body = JobRequest.model_validate(await _read_json(request))
         except ValidationError as error:
-            problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in error.errors())
-            raise RequestError(422, protocol.ERROR_BAD_REQUEST, f"the question's JSON is not valid: {problems}") from None
+            raise RequestError(422, protocol.ERROR_BAD_REQUEST,
+                               f"the question's JSON is not valid: {_problems(error.errors())}") from None
         options = body.model_dump(exclude={"volume_id", "question", "conversation_id"}, exclude_none=True)
         try:
             question = validate_question(body.question)
@@ -276,7 +281,7 @@ def create_app(settings: ServeSettings, token: str | None = None, max_upload_byt
             job, position = queue.submit(question=question, volume=volume, conversation=conversation, options=options,
                                          volume_id=body.volume_id)
         except BusyError as error:
-            busy, waiting = queue.counts
+            _, waiting = queue.counts
             return _error(429, protocol.ERROR_BUSY, str(error), queued=waiting, max_waiting=settings.max_waiting)
         return {"job_id": job.id, "state": protocol.RUNNING if position == 0 else protocol.QUEUED, "position": position}
 

@@ -16,15 +16,12 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-from ..errors import CancelledError, CheckpointError, InvalidInputError, OutOfMemoryError, R1SegError
+from ..errors import InvalidInputError, R1SegError
 from . import protocol
 
 # Short requests (status, cancel) must never hang a GUI; uploads and masks of a large CT may take a while.
 REQUEST_TIMEOUT_S = 10.0
 TRANSFER_TIMEOUT_S = 600.0
-
-_JOB_ERRORS = {protocol.ERROR_INVALID_INPUT: InvalidInputError, protocol.ERROR_MODEL: CheckpointError,
-               protocol.ERROR_OUT_OF_MEMORY: OutOfMemoryError, protocol.ERROR_CANCELLED: CancelledError}
 
 
 class ServerError(R1SegError):
@@ -47,8 +44,8 @@ def job_error(status: dict) -> R1SegError:
     """The engine error a failed or cancelled job stands for, so callers keep the CLI's exit codes."""
     error = status.get("error") or {}
     kind, detail = error.get("error", protocol.ERROR_ENGINE), error.get("detail", f"the job ended {status.get('state')}")
-    if kind in _JOB_ERRORS:
-        return _JOB_ERRORS[kind](detail)
+    if kind in protocol.ENGINE_ERRORS:
+        return protocol.ENGINE_ERRORS[kind](detail)
     return ServerError(f"the server could not answer: {detail}", kind=kind)
 
 
@@ -84,8 +81,8 @@ class Client:
                 kind, detail = reply.get("error"), reply.get("detail", "")
             except ValueError:
                 kind, detail = None, raw[:200].decode("utf-8", "replace")
-            if kind in _JOB_ERRORS:   # the engine's own refusal (a bad question or CT): its words, its exit code
-                raise _JOB_ERRORS[kind](detail) from None
+            if kind in protocol.ENGINE_ERRORS:   # the engine's refusal (a bad question or CT): its words, its exit code
+                raise protocol.ENGINE_ERRORS[kind](detail) from None
             kind_class = ServerBusy if error.code == 429 else ServerError
             raise kind_class(f"the server at {self.url} refused {method} {path} ({error.code}): {detail}",
                              error.code, kind) from None
@@ -181,14 +178,12 @@ def labelmap_format(path: Path) -> str:
 
 
 def ask_command(args, progress=None) -> int:
-    """`r1seg ask --server URL`: the CT is read and checked here, the model runs on the server."""
+    """`r1seg ask --server URL`: the CT is read and checked here, the model runs on the server (output folders are
+    checked by the caller, cli.command_ask)."""
+    from ..cli import print_answer, print_outputs
     from ..volume import read_volume
     from .nrrd import volume_to_nrrd_bytes
 
-    outputs = [Path(p) for p in (args.output, args.json) if p]
-    for path in outputs:
-        if not path.parent.is_dir():
-            raise InvalidInputError(f"output folder {path.parent} does not exist")
     output_format = labelmap_format(Path(args.output)) if args.output else None
     client = client_from_arguments(args.server, args.token_file)
     volume = read_volume(args.ct)
@@ -206,18 +201,11 @@ def ask_command(args, progress=None) -> int:
     if status["state"] != protocol.DONE:
         raise job_error(status)
     result = client.result(job["job_id"])
-    for note in result["notes"]:
-        print(f"note: {note}", file=sys.stderr)
-    print(result["answer"])
-    for target in result["targets"]:
-        print(f"  {target['name']}: {target['status']}, {target['volume_ml']:.1f} mL, {target['voxel_count']} voxels")
+    print_answer(result)
     if args.output:
         _write_atomically(Path(args.output), client.labelmap(job["job_id"], output_format))
-        print(f"wrote {args.output}" + ("" if result["present"] else " (no target found: its segments are empty)"))
     if args.json:
         answer = {key: value for key, value in result.items() if key not in ("job_id", "volume_id")}
         _write_atomically(Path(args.json), json.dumps(answer, indent=2).encode())
-        print(f"wrote {args.json}")
-    if args.timings:
-        print(json.dumps(result["timings_s"], indent=2))
+    print_outputs(args, result)
     return 0

@@ -20,7 +20,7 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import CancelledError, CheckpointError, InvalidInputError, OutOfMemoryError, R1SegError
+from ..errors import CancelledError, R1SegError
 from . import protocol
 
 log = logging.getLogger("r1seg.serve")
@@ -47,11 +47,11 @@ class ServeSettings:
 
 def error_reply(error: BaseException) -> tuple[str, str]:
     """(protocol error kind, message) of an exception raised while answering."""
-    for kind, name in ((InvalidInputError, protocol.ERROR_INVALID_INPUT), (CheckpointError, protocol.ERROR_MODEL),
-                       (OutOfMemoryError, protocol.ERROR_OUT_OF_MEMORY), (CancelledError, protocol.ERROR_CANCELLED),
-                       (R1SegError, protocol.ERROR_ENGINE)):
+    for name, kind in protocol.ENGINE_ERRORS.items():
         if isinstance(error, kind):
             return name, str(error)
+    if isinstance(error, R1SegError):
+        return protocol.ERROR_ENGINE, str(error)
     return protocol.ERROR_INTERNAL, f"unexpected server error ({type(error).__name__}: {error}); the server log has the details"
 
 
@@ -178,7 +178,6 @@ class Job:
     error: dict | None = None
     result: Any = None
     cancel: threading.Event = field(default_factory=threading.Event)
-    submitted: float = field(default_factory=time.monotonic)
     seconds: float | None = None
 
     def set_stage(self, state: str, stage: str, done: int = 0, total: int = 0) -> None:
@@ -308,34 +307,31 @@ class JobQueue:
                 self._unloaded.set()
                 continue
             started = time.monotonic()
+            result, failure = None, None
             try:
-                job.set_stage(protocol.LOADING if self.host.state != "ready" else protocol.RUNNING,
-                              "loading the model" if self.host.state != "ready" else "answering")
+                if self.host.state == "ready":
+                    job.set_stage(protocol.RUNNING, "answering")
+                else:
+                    job.set_stage(protocol.LOADING, "loading the model")
                 result = self.host.run(job)
             except BaseException as error:  # a failed question is data for its client, never the server's end
-                kind, message = error_reply(error)
-                if kind == protocol.ERROR_INTERNAL:
+                failure = error_reply(error)
+                if failure[0] == protocol.ERROR_INTERNAL:
                     log.exception("job %s failed", job.id)
-                with self._lock:
-                    job.seconds = time.monotonic() - started
-                    if job.cancel.is_set() or kind == protocol.ERROR_CANCELLED:
-                        self._finish(job, cancelled=True)
-                    else:
-                        job.error = {"error": kind, "detail": message}
-                        job.state = protocol.FAILED
-                        self._finish(job)
-            else:
-                with self._lock:
-                    job.seconds = time.monotonic() - started
-                    if job.cancel.is_set():
-                        # Cancel promises that nothing reaches the client, even if the answer came in just after it.
-                        self._finish(job, cancelled=True)
-                    else:
-                        job.result = result
-                        job.state = protocol.DONE
-                        job.stage = "done"
-                        self._finish(job)
             with self._lock:
+                job.seconds = time.monotonic() - started
+                if job.cancel.is_set() or (failure is not None and failure[0] == protocol.ERROR_CANCELLED):
+                    # Cancel promises that nothing reaches the client, even if the answer came in just after it.
+                    self._finish(job, cancelled=True)
+                elif failure is not None:
+                    job.error = {"error": failure[0], "detail": failure[1]}
+                    job.state = protocol.FAILED
+                    self._finish(job)
+                else:
+                    job.result = result
+                    job.state = protocol.DONE
+                    job.stage = "done"
+                    self._finish(job)
                 self._running = None
 
     def _finish(self, job: Job, cancelled: bool = False) -> None:

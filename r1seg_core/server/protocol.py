@@ -32,7 +32,7 @@ import os
 import sys
 from pathlib import Path
 
-from ..errors import InvalidInputError
+from ..errors import CancelledError, CheckpointError, InvalidInputError, OutOfMemoryError
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8740
@@ -61,6 +61,11 @@ ERROR_OUT_OF_MEMORY = "out_of_memory"      # exit code 4
 ERROR_CANCELLED = "cancelled"              # exit code 130
 ERROR_ENGINE = "engine"                    # any other engine error (exit code 1)
 ERROR_INTERNAL = "internal"                # a bug: the server log has the traceback
+
+# The engine's errors that cross the wire as themselves: the server names the kind, the client raises the
+# same class again, so `r1seg ask --server` keeps the local run's exit codes. Any other R1SegError is ERROR_ENGINE.
+ENGINE_ERRORS = {ERROR_INVALID_INPUT: InvalidInputError, ERROR_MODEL: CheckpointError,
+                 ERROR_OUT_OF_MEMORY: OutOfMemoryError, ERROR_CANCELLED: CancelledError}
 
 # Longest suffix first, so that a client finds ".seg.nrrd" before ".nrrd".
 LABELMAP_FORMATS = {"seg.nrrd": ".seg.nrrd", "nii.gz": ".nii.gz", "nrrd": ".nrrd", "nii": ".nii", "mha": ".mha"}

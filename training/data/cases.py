@@ -134,16 +134,10 @@ def list_cases(spec: SourceSpec) -> list[CaseEntry]:
 
 def _in_split(spec: SourceSpec, entries: list[CaseEntry]) -> list[CaseEntry]:
     """Only the cases of `spec.split`; a split file that puts a case in two parts is refused (a test-set leak)."""
-    from r1seg_core.evaluation.splits import check_parts_disjoint, read_split_file, split_case_ids
+    from r1seg_core.evaluation.splits import split_case_ids
 
-    if spec.layout in ("m3d_npy", "segvol_npy"):
-        # Their reader takes spec.split from the dataset's own json; it must not share cases with another part.
-        own_list = spec.path / f"{spec.path.name}.json"
-        if own_list.is_file():
-            check_parts_disjoint(read_split_file(own_list), own_list)
-        return entries
-    if spec.split_file is None:
-        return entries
+    if spec.layout in ("m3d_npy", "segvol_npy") or spec.split_file is None:
+        return entries          # the npy layouts' reader takes spec.split from the dataset's own json (read_m3d.py)
     wanted = set(split_case_ids(spec.split_file, spec.split))
     # A split written for other case names (M3D-Seg's "img0001" for a converted "0001") would quietly train on a
     # fraction of the part, or on nothing.

@@ -22,6 +22,7 @@ import sys
 import tempfile
 import zipfile
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -222,11 +223,10 @@ def read_dicom_slices(files: list[Path]) -> tuple[sitk.Image, list[int]]:
 def _write_mask_like(mask: np.ndarray, reference: sitk.Image, path: Path) -> None:
     image = sitk.GetImageFromArray(mask.astype(np.uint8))
     image.CopyInformation(reference)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sitk.WriteImage(image, str(path), useCompression=True)
+    _write_image(image, path)
 
 
-def _write_ct(image: sitk.Image, path: Path) -> None:
+def _write_image(image: sitk.Image, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     sitk.WriteImage(image, str(path), useCompression=True)
 
@@ -249,7 +249,7 @@ def convert_chaos(root: Path, output: Path) -> dict:
             if pixels.shape != liver.shape[1:]:
                 raise InvalidInputError(f"{png}: {pixels.shape} pixels, but its DICOM slice has {liver.shape[1:]}")
             liver[slot[k]] = pixels > 0
-        _write_ct(ct, output / "imagesTr" / f"{folder.name}.nii.gz")
+        _write_image(ct, output / "imagesTr" / f"{folder.name}.nii.gz")
         _write_mask_like(liver, ct, output / "labelsTr" / f"{folder.name}.nii.gz")
         training.append({"id": folder.name, "image": f"imagesTr/{folder.name}.nii.gz",
                          "label": f"labelsTr/{folder.name}.nii.gz"})
@@ -273,6 +273,7 @@ def ircadb_name(folder_name: str) -> str:
     return structure.name if structure is not None else folder_name
 
 
+@lru_cache(maxsize=None)      # asked for every structure folder of every patient
 def _published_names(code: str) -> dict[int, str]:
     import r1seg_core.vocabulary as package
 
@@ -301,7 +302,7 @@ def convert_ircadb(root: Path, output: Path) -> dict:
     for patient in patients:
         with tempfile.TemporaryDirectory() as scratch:
             ct, _ = read_dicom_slices(_slices(_dicom_folder(patient / "PATIENT_DICOM", Path(scratch))))
-            _write_ct(ct, output / patient.name / "ct.nii.gz")
+            _write_image(ct, output / patient.name / "ct.nii.gz")
             masks: dict[str, np.ndarray] = {}
             masks_folder = _dicom_folder(patient / "MASKS_DICOM", Path(scratch))
             for structure in sorted(p for p in masks_folder.iterdir() if p.is_dir()):

@@ -78,6 +78,7 @@ def _whole_volume(case: PreparedCase, window) -> tuple[np.ndarray, np.ndarray]:
     import torch
 
     image = resize_to_window(np.asarray(case.image(), dtype=np.float32), window)
-    labels = torch.from_numpy(np.asarray(case.labels()).astype(np.float32))[None]
-    layers = torch.nn.functional.interpolate(labels, size=tuple(window), mode="nearest")[0]
-    return np.asarray(image, dtype=np.float32), layers.numpy().astype(case.labels().dtype)
+    labels = case.labels()
+    as_float = torch.from_numpy(np.asarray(labels, dtype=np.float32))[None]
+    layers = torch.nn.functional.interpolate(as_float, size=tuple(window), mode="nearest")[0]
+    return np.asarray(image, dtype=np.float32), layers.numpy().astype(labels.dtype)

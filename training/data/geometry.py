@@ -16,8 +16,6 @@ from r1seg_core.volume import Volume, resample_labels_to_grid
 _SPACING_RTOL = 1e-4
 _ORIGIN_ATOL_MM = 1e-3
 _DIRECTION_ATOL = 1e-4
-# The share of a label's foreground volume that may go missing in resampling (partial voxels at the edges).
-LOST_FOREGROUND_TOLERANCE = 0.1
 
 
 def same_grid(a: Volume, b: Volume) -> bool:
@@ -36,12 +34,3 @@ def labels_to_model_grid(labels: Volume, grid: ModelGrid) -> np.ndarray:
     """An integer label volume -> the same labels (uint16) on the model grid; 0 outside its field of view."""
     # The canonical grid's direction is the identity.
     return resample_labels_to_grid(labels, grid.shape_zyx, grid.spacing_zyx[::-1], grid.origin, np.eye(3))
-
-
-def lost_foreground(labels: Volume, resampled: np.ndarray, grid: ModelGrid) -> float:
-    """The share of the label's foreground volume (mm3) that did not land on the model grid."""
-    before = np.count_nonzero(labels.array) * float(np.prod(labels.spacing))
-    if before == 0:
-        return 0.0
-    after = np.count_nonzero(resampled) * float(np.prod(grid.spacing_zyx))
-    return max(0.0, 1.0 - after / before)

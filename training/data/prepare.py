@@ -21,10 +21,10 @@ import numpy as np
 from r1seg_core.errors import InvalidInputError
 from r1seg_core.preprocess import ModelGrid, PreprocessConfig, to_model_space
 from r1seg_core.vocabulary import load_vocabulary
-from r1seg_core.volume import validate_ct
+from r1seg_core.volume import LOST_FOREGROUND_TOLERANCE, lost_foreground, validate_ct
 
 from .cases import CaseData, CaseEntry, LabelMap, SourceSpec, case_error, list_cases
-from .geometry import LOST_FOREGROUND_TOLERANCE, describe_grid, labels_to_model_grid, lost_foreground, same_grid
+from .geometry import describe_grid, labels_to_model_grid, same_grid
 from .prepared import CASE_NAME, FOREGROUND_SAMPLES, INDEX_NAME, write_case
 
 NOTES_SHOWN = 20
@@ -137,7 +137,7 @@ def _labels_in_model_space(spec: SourceSpec, data: CaseData, label_map: LabelMap
         return volume.array
     resampled = labels_to_model_grid(volume, grid)
     if not same_grid(volume, data.image):
-        lost = lost_foreground(volume, resampled, grid)
+        lost = lost_foreground(volume, resampled, grid.spacing_zyx[::-1])
         if lost > LOST_FOREGROUND_TOLERANCE:
             raise case_error(spec.name, data.case_id, (
                 f"label {label_map.path} lies on another grid ({describe_grid(volume)}) than the CT "

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from r1seg_core.errors import InvalidInputError
+from r1seg_core.evaluation.splits import check_parts_disjoint
 from r1seg_core.vocabulary import load_vocabulary
 from r1seg_core.volume import Volume
 
@@ -58,12 +59,14 @@ def _read_list(spec: SourceSpec) -> tuple[str, list[dict]]:
     code = spec.path.name
     path = spec.path / f"{code}.json"
     try:
-        items = json.loads(path.read_text())[spec.split]
+        content = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as error:
         raise InvalidInputError(f"{path} cannot be read: {error}") from error
-    except KeyError:
-        raise InvalidInputError(f"{path} has no {spec.split!r} list") from None
-    return code, items
+    if spec.split not in content:
+        raise InvalidInputError(f"{path} has no {spec.split!r} list")
+    # spec.split is read; it must not share cases with another part (a test-set leak).
+    check_parts_disjoint(content, path)
+    return code, content[spec.split]
 
 
 def _class_names(spec: SourceSpec, code: str) -> dict[int, str]:
