@@ -283,3 +283,18 @@ def test_throughput_eta_and_peak_memory_are_logged(trained):
     events = EventAccumulator(str(run / "stage1" / "tensorboard"))
     events.Reload()
     assert [e.step for e in events.Scalars("stage1/val_dice")] == [VALIDATE_EVERY, STEPS]
+
+
+def test_calibration_picks_the_presence_volume_with_fewest_errors():
+    from training.calibrate import best_threshold
+
+    def rows(pairs):
+        return [{"marked_ml": marked, "present": present} for marked, present in pairs]
+
+    # Separable: absent organs marked 0 and 2 mL, present ones 50 and 80 mL -> between 2 and 50 (geometric mean 10).
+    threshold, errors = best_threshold(rows([(0.0, False), (2.0, False), (50.0, True), (80.0, True)]))
+    assert errors == 0 and threshold == pytest.approx(10.0)
+    # One absent organ marked 60 mL: no volume separates them. 25 mL (halfway from 0 to 50) calls it present, 69 mL
+    # (geometric mean of 60 and 80) misses the 50 mL organ; one error each, and the lower volume is kept.
+    threshold, errors = best_threshold(rows([(0.0, False), (60.0, False), (50.0, True), (80.0, True)]))
+    assert errors == 1 and threshold == pytest.approx(25.0)

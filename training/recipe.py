@@ -38,6 +38,17 @@ class CropSettings:
     # Crops that are the whole case resized to one window, as the predictor's global step sees a CT (and as the
     # original trained on whole CTs resized to 32x256x256).
     whole_volume_ratio: float = 0.0
+    # Whether a whole-volume crop also trains its masks. The predictor decodes a whole-CT mask only without the
+    # sliding window (the paper's Fig. 4 ablation); by default such crops train the answer text alone.
+    whole_volume_masks: bool = False
+    # How a sample's crop is chosen. "case": a source by its weight, then a case, then a centre (the reference).
+    # "structure": a target by `target_weights` (1 when unnamed), then a case that holds it, and the crop is centred
+    # on it, so every trained organ gets a comparable share whatever the number of cases that hold it.
+    balance: str = "case"
+    target_weights: dict[str, float] = field(default_factory=dict)
+    # Stage 1: masks decoded from one encoder pass of each crop: its centre target, other trained targets it holds,
+    # and, with probability `questions.negative_ratio` per extra slot, an absent structure with an empty mask.
+    masks_per_crop: int = 1
 
 
 @dataclass
@@ -49,6 +60,16 @@ class AugmentSettings:
     scale_intensity_prob: float = 0.5
     shift_intensity: float = 0.1
     shift_intensity_prob: float = 0.5
+    # Contrast phases: each labelled structure's HU moved on its own (augment.py PHASE_OFFSETS_HU), so that
+    # non-contrast, arterial and portal-venous scans all look like training data.
+    contrast_phase_prob: float = 0.0
+    # Small affine changes that keep left on the left: scale 1 +- affine_scale, axial rotation +- degrees.
+    affine_prob: float = 0.0
+    affine_scale: float = 0.15
+    affine_rotate_degrees: float = 15.0
+    # Gaussian noise with a standard deviation drawn up to noise_hu (low-dose CTs).
+    noise_prob: float = 0.0
+    noise_hu: float = 20.0
 
 
 @dataclass
@@ -58,6 +79,12 @@ class QuestionSettings:
     multi_target_ratio: float = 0.0      # positive questions naming 2..max_targets present targets
     max_targets: int = 3
     unnamed_answer_ratio: float = 0.0    # implicit questions answered without the name ("It is [SEG].")
+    # Of the negatives, the share that names a trained target (crops.targets) absent from the crop; the rest name
+    # any annotated structure absent from it. With only untrained names as negatives, the name alone tells the
+    # answer and the model learns to ignore the image.
+    trained_negative_ratio: float = 0.0
+    # Implicit questions also draw from training/data/instructions.json: more descriptions and synonyms per organ.
+    instructions: bool = False
 
 
 @dataclass
@@ -180,6 +207,19 @@ def _stage(path: Path, stage: int) -> StageConfig:
             type(config.samples_per_epoch) is int and config.samples_per_epoch > 0):
         raise InvalidInputError(f"{path}: samples_per_epoch must be one of {list(EPOCH_COUNTS)} or a positive number "
                                 f"of samples; got {config.samples_per_epoch!r}")
+    crops = config.crops
+    if crops.balance not in ("case", "structure"):
+        raise InvalidInputError(f"{path}: crops.balance must be 'case' or 'structure', got {crops.balance!r}")
+    if crops.balance == "structure" and not crops.targets:
+        raise InvalidInputError(f"{path}: crops.balance 'structure' needs crops.targets, the structures to balance")
+    if set(crops.target_weights) - set(crops.targets or ()):
+        raise InvalidInputError(f"{path}: crops.target_weights names structures that are not crops.targets: "
+                                f"{sorted(set(crops.target_weights) - set(crops.targets or ()))}")
+    if crops.masks_per_crop < 1 or (crops.masks_per_crop > 1 and stage != 1):
+        raise InvalidInputError(f"{path}: crops.masks_per_crop must be 1, or more in stage 1 only")
+    if stage == 1 and crops.whole_volume_ratio > 0 and not crops.whole_volume_masks:
+        raise InvalidInputError(f"{path}: stage 1 trains masks only, so its whole-volume crops need "
+                                "crops.whole_volume_masks: true (or whole_volume_ratio: 0)")
     if not config.sources:
         raise InvalidInputError(f"{path}: 'sources' names no prepared dataset")
     if config.validation_every_steps and not (config.validation_sources and config.validation_windows > 0):

@@ -80,7 +80,7 @@ def deepspeed_config(recipe: Recipe, config: StageConfig) -> dict:
 def stage_losses(model, batch: dict, stage: int) -> tuple[dict[str, torch.Tensor], int]:
     """The stage's losses for one micro-batch, and how many masks the decoder produced."""
     if stage == 1:
-        _, losses = model.segment_with_text(batch["images"], batch["names"], batch["masks"])
+        _, losses = model.segment_with_text(batch["images"], batch["names"], batch["masks"], rows=batch["rows"])
         return {**losses, "loss_lm": losses["loss"].new_zeros(())}, len(batch["names"])
     out = model(batch["images"], batch["input_ids"], batch["attention_mask"], batch["labels"], batch["target_masks"])
     losses = {"loss": out.loss, "loss_lm": out.loss_lm, "loss_dice": out.loss_dice, "loss_bce": out.loss_bce}

@@ -73,7 +73,7 @@ def validation_samples(config: StageConfig, sources: list[PreparedSource], windo
                                     f"tries from dataset {source.name!r}; check its labels and crops.targets")
         name = sorted(crop.present)[rng.integers(len(crop.present))]
         samples.append({"image": torch.from_numpy(crop.image)[None],
-                        "masks": torch.from_numpy(crop.mask(name)[None].astype(np.uint8)), "name": name,
+                        "masks": torch.from_numpy(crop.mask(name)[None].astype(np.uint8)), "name": name, "names": [name],
                         "question": prompting.EXPLICIT_QUESTIONS[0].format(target=name),
                         "answer": prompting.positive_answer([name]), "case": f"{source.name}/{case.case_id}"})
     return samples
@@ -82,7 +82,7 @@ def validation_samples(config: StageConfig, sources: list[PreparedSource], windo
 def predicted_masks(module, batch: dict, stage: int) -> np.ndarray:
     """(B, D, H, W) bool: each window's mask for its one target."""
     if stage == 1:
-        segmentation, _ = module.segment_with_text(batch["images"], batch["names"])
+        segmentation, _ = module.segment_with_text(batch["images"], batch["names"], rows=batch["rows"])
         logits = segmentation.logits
     else:
         out = module(batch["images"], batch["input_ids"], batch["attention_mask"])

@@ -230,16 +230,22 @@ class R1Seg3D(nn.Module):
         return self.text_encoder(ids, mask)
 
     def segment_with_text(self, images: torch.Tensor, target_names: list[str], target_masks: torch.Tensor | None = None,
-                          loops: int | None = None, traces: list[dict] | None = None):
-        """Prompt the decoder with a frozen text encoder's embedding of each item's target name.
+                          loops: int | None = None, traces: list[dict] | None = None,
+                          rows: torch.Tensor | None = None):
+        """Prompt the decoder with a frozen text encoder's embedding of each target name.
 
-        Returns (SegmentationOutput, loss dict or None).
+        `rows` (one image index per name) lets several targets share one encoder pass of their image; without it
+        name i belongs to image i. Returns (SegmentationOutput, loss dict or None).
         """
-        if len(target_names) != images.shape[0]:
-            raise InvalidInputError(f"{images.shape[0]} images but {len(target_names)} target names")
+        if rows is None:
+            if len(target_names) != images.shape[0]:
+                raise InvalidInputError(f"{images.shape[0]} images but {len(target_names)} target names")
+            rows = torch.arange(images.shape[0], device=images.device)
+        elif len(rows) != len(target_names):
+            raise InvalidInputError(f"{len(target_names)} target names but {len(rows)} image rows")
         prompts = self.text_prompts(target_names, images.device)
         image_tokens = self.encode_images(images)
-        segmentation = self.decode_masks(image_tokens, prompts, loops, traces)
+        segmentation = self.decode_masks(image_tokens[rows], prompts, loops, traces)
         if target_masks is None:
             return segmentation, None
         losses = {"loss_dice": dice_loss(segmentation.logits, target_masks), "loss_bce": bce_loss(segmentation.logits, target_masks)}

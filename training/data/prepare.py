@@ -57,8 +57,14 @@ def prepare_case(spec: SourceSpec, case: CaseEntry, preprocess: PreprocessConfig
         if not values.size:
             note(f"mask {label_map.path} is empty")
         labels = _labels_in_model_space(spec, data, label_map, grid, image.shape)
+        earlier = set(structures)
+        repeated = sorted({named[value] for value in values if value in named} & earlier)
+        if repeated:
+            # Two label maps of one structure (a case with the full and the fast TotalSegmentator output) would
+            # otherwise be placed as two layers and read as their union: the first map's mask is kept.
+            note(f"{label_map.path} labels {', '.join(repeated)} again; the earlier label map's masks are kept")
         for value in values:
-            if value in named:
+            if value in named and named[value] not in earlier:
                 index = structures.setdefault(named[value], len(structures) + 1)
                 _place(layers, labels == value, index, image.shape)
     if not structures:

@@ -6,8 +6,11 @@ come from `prompting`'s explicit and implicit templates plus the extra kinds bel
 """
 from __future__ import annotations
 
+import json
 import random
 from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
 
 from r1seg_core import prompting
 from r1seg_core.vocabulary import load_vocabulary
@@ -42,19 +45,48 @@ def join_targets(names: list[str]) -> str:
     return ", the ".join(names[:-1]) + " and the " + names[-1]
 
 
-def _description(rng: random.Random, name: str) -> str:
-    return rng.choice(load_vocabulary().get(name).descriptions)
+INSTRUCTIONS_PATH = Path(__file__).with_name("instructions.json")
+
+
+@lru_cache(maxsize=1)
+def instructions() -> dict:
+    """Hand-written training text (instructions.json): more descriptions, synonyms and implicit question forms per
+    organ, written without sight of the vocabulary's held-out descriptions or the evaluation's phrasings."""
+    return json.loads(INSTRUCTIONS_PATH.read_text())
+
+
+def _description(rng: random.Random, name: str, settings: QuestionSettings) -> str:
+    pool = list(load_vocabulary().get(name).descriptions)
+    if settings.instructions:
+        pool += instructions()["descriptions"].get(name, [])
+    return rng.choice(pool)
+
+
+def _implicit_question(rng: random.Random, target: str, settings: QuestionSettings) -> str:
+    description = _description(rng, target, settings)
+    if settings.instructions and rng.random() < 0.5:
+        return rng.choice(instructions()["implicit_questions"]).format(description=description.rstrip(".") + ".")
+    return prompting.sample_question(rng, target, description)
+
+
+def _explicit_question(rng: random.Random, target: str, settings: QuestionSettings) -> str:
+    """A question naming the target, now and then by a synonym or lay name; the answer still uses its name."""
+    names = [target]
+    if settings.instructions:
+        names += instructions()["synonyms"].get(target, [])
+    said = target if rng.random() < 0.7 else rng.choice(names)
+    return rng.choice(prompting.EXPLICIT_QUESTIONS + (prompting.PER_TARGET_QUESTION,)).format(target=said)
 
 
 def _single(rng: random.Random, target: str, settings: QuestionSettings, positive: bool) -> QuestionAnswer:
     if rng.random() < settings.implicit_ratio:
-        question = prompting.sample_question(rng, target, _description(rng, target))
+        question = _implicit_question(rng, target, settings)
         if rng.random() < settings.unnamed_answer_ratio:
             # Without a target name in the question, the predictor scores these unnamed forms.
             answer = prompting.positive_answer([]) if positive else prompting.negative_answer([])
             return QuestionAnswer(question, answer, [target] if positive else [], [target])
     else:
-        question = rng.choice(prompting.EXPLICIT_QUESTIONS + (prompting.PER_TARGET_QUESTION,)).format(target=target)
+        question = _explicit_question(rng, target, settings)
     answer = prompting.positive_answer([target]) if positive else prompting.negative_answer([target])
     return QuestionAnswer(question, answer, [target] if positive else [], [target])
 
@@ -77,7 +109,7 @@ def existence_qa(rng: random.Random, positive: bool, present: list[str], absent:
     """Stage 2: is a structure in this crop? Text-only answers, so only the LM loss trains."""
     target = rng.choice(sorted(present if positive else absent))
     if rng.random() < settings.implicit_ratio:
-        question = rng.choice(IMPLICIT_EXISTENCE_QUESTIONS).format(description=_description(rng, target))
+        question = rng.choice(IMPLICIT_EXISTENCE_QUESTIONS).format(description=_description(rng, target, settings))
     else:
         question = rng.choice(prompting.EXISTENCE_QUESTIONS).format(target=target)
     answer = rng.choice(prompting.EXISTENCE_YES if positive else prompting.EXISTENCE_NO).format(target=target)

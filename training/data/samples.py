@@ -50,6 +50,17 @@ def source_weights(config: StageConfig, sources: list[PreparedSource]) -> np.nda
     return np.array(raw) / total
 
 
+def structure_holders(config: StageConfig, sources: list[PreparedSource]) -> dict[str, list[tuple[PreparedSource, object]]]:
+    """Each of `crops.targets` -> the (source, case) pairs that hold it; targets no case holds are left out."""
+    holders: dict[str, list] = {}
+    for source in sources:
+        for case in source.cases:
+            for structure in case.structures:
+                if structure.name in config.crops.targets:
+                    holders.setdefault(structure.name, []).append((source, case))
+    return {name: holders[name] for name in config.crops.targets if name in holders}
+
+
 class StageSamples(torch.utils.data.Dataset):
     def __init__(self, config: StageConfig, sources: list[PreparedSource], window: tuple[int, int, int]):
         self.config = config
@@ -59,6 +70,14 @@ class StageSamples(torch.utils.data.Dataset):
             raise InvalidInputError(f"stage {config.stage}: prepared datasets {empty} have no usable case")
         self.weights = source_weights(config, self.sources)
         self.window = tuple(window)
+        self.trained = frozenset(config.crops.targets or ())
+        if config.crops.balance == "structure":
+            self.holders = structure_holders(config, self.sources)
+            if not self.holders:
+                raise InvalidInputError(f"stage {config.stage}: no prepared case holds any of crops.targets "
+                                        f"{config.crops.targets}")
+            raw = np.array([config.crops.target_weights.get(name, 1.0) for name in self.holders])
+            self.target_probabilities = raw / raw.sum()
 
     def is_positive(self, key: SampleKey) -> bool:
         plan = np.random.default_rng([self.config.seed, _PLAN_STREAM, key.step, key.micro, key.slot])
@@ -67,17 +86,62 @@ class StageSamples(torch.utils.data.Dataset):
     def __getitem__(self, key: SampleKey) -> dict:
         rng = np.random.default_rng([self.config.seed, _SAMPLE_STREAM, key.step, key.micro, key.rank, key.slot])
         positive = self.is_positive(key)
-        source = self.sources[rng.choice(len(self.sources), p=self.weights)]
-        crop = self._crop(source, positive, rng)
+        # Several masks per crop start from a present centre target; their empty masks come from extra slots.
+        wants_present = positive or self.config.crops.masks_per_crop > 1
+        if self.config.crops.balance == "structure":
+            source, crop = self._structure_crop(wants_present, rng)
+        else:
+            source = self.sources[rng.choice(len(self.sources), p=self.weights)]
+            crop = self._crop(source, wants_present, rng)
         text_rng = random.Random(int(rng.integers(2 ** 63)))
         if self.config.stage == 1:
-            # A negative names a structure the crop lacks, with an empty target mask: the decoder learns to answer
-            # nothing (the original's collator zero-filled absent classes).
-            target = text_rng.choice(sorted(crop.present if positive else crop.absent))
-            return self._finish(crop, [target], [target], rng, {"name": target})
+            targets = self._stage1_targets(crop, positive, text_rng)
+            return self._finish(source, crop, targets, targets, rng, {"names": targets})
         make = existence_qa if self.config.stage == 2 else segmentation_qa
-        qa = make(text_rng, positive, crop.present, crop.absent, self.config.questions)
-        return self._finish(crop, qa.targets, qa.about, rng, {"question": qa.question, "answer": qa.answer})
+        qa = make(text_rng, positive, crop.present, self._negatives(crop, text_rng), self.config.questions)
+        return self._finish(source, crop, qa.targets, qa.about, rng, {"question": qa.question, "answer": qa.answer})
+
+    def _negatives(self, crop: Crop, text_rng: random.Random) -> list[str]:
+        """The names a negative question may ask about: trained targets the crop lacks with probability
+        `trained_negative_ratio` (when there are any), else any annotated structure it lacks."""
+        trained_absent = [name for name in crop.absent if name in self.trained]
+        if trained_absent and text_rng.random() < self.config.questions.trained_negative_ratio:
+            return trained_absent
+        return crop.absent
+
+    def _stage1_targets(self, crop: Crop, positive: bool, text_rng: random.Random) -> list[str]:
+        """Stage 1's `masks_per_crop` target names: with one, a present target (or, for a negative, an absent one
+        with an empty mask: the original's collator zero-filled absent classes). With more, the first is the
+        centre target, and each further slot is an absent structure with probability `negative_ratio` (an empty
+        mask: the decoder learns to answer nothing) or another present trained target."""
+        count = self.config.crops.masks_per_crop
+        if count == 1:
+            return [text_rng.choice(sorted(crop.present if positive else crop.absent))]
+        present = sorted(crop.present)
+        targets = [crop.centre if crop.centre in crop.present else text_rng.choice(present)]
+        others = [name for name in present if name != targets[0]]
+        text_rng.shuffle(others)
+        while len(targets) < count:
+            negatives = self._negatives(crop, text_rng)
+            if negatives and (not others or text_rng.random() < self.config.questions.negative_ratio):
+                targets.append(text_rng.choice(sorted(negatives)))
+            else:
+                targets.append(others.pop() if others else targets[0])
+        return targets
+
+    def _structure_crop(self, positive: bool, rng: np.random.Generator) -> tuple[PreparedSource, Crop]:
+        """A trained target drawn by its weight, a case that holds it, and a crop centred on it that holds a
+        present target (`positive`) or lacks an annotated structure."""
+        names = list(self.holders)
+        for _ in range(self.config.crops.tries):
+            name = names[rng.choice(len(names), p=self.target_probabilities)]
+            source, case = self.holders[name][rng.integers(len(self.holders[name]))]
+            crop = sample_crop(case, self.window, self.config.crops, rng, centre_on=name)
+            if crop.present if positive else crop.absent:
+                return source, crop
+        kind = "a present" if positive else "an absent"
+        raise InvalidInputError(f"stage {self.config.stage}: no structure-centred crop with {kind} target in "
+                                f"{self.config.crops.tries} tries; lower its negative_ratio or check its labels")
 
     def _crop(self, source: PreparedSource, positive: bool, rng: np.random.Generator) -> Crop:
         for _ in range(self.config.crops.tries):
@@ -89,10 +153,21 @@ class StageSamples(torch.utils.data.Dataset):
         raise InvalidInputError(f"stage {self.config.stage}: no crop with {kind} target in {self.config.crops.tries} "
                                 f"tries from dataset {source.name!r}; lower its negative_ratio or check its labels")
 
-    def _finish(self, crop: Crop, targets: list[str], about: list[str], rng, fields: dict) -> dict:
-        """Masks of the targets (in [SEG] order), augmented with the image; `about` decides the left/right rule."""
-        masks = np.stack([crop.mask(name) for name in targets]).astype(np.uint8) if targets else None
-        image, masks = augment(crop.image, masks, about, self.config.augment, int(rng.integers(2 ** 31)))
+    def _finish(self, source: PreparedSource, crop: Crop, targets: list[str], about: list[str], rng,
+                fields: dict) -> dict:
+        """Masks of the targets (in [SEG] order), augmented with the image; `about` decides the left/right rule.
+
+        A whole-volume crop trains its answer text only, unless `crops.whole_volume_masks`: its masks are left
+        empty, which the loss skips (the predictor's default path never decodes a whole-CT mask)."""
+        if crop.whole and not self.config.crops.whole_volume_masks:
+            masks = np.zeros((len(targets), *self.window), dtype=np.uint8) if targets else None
+        else:
+            masks = np.stack([crop.mask(name) for name in targets]).astype(np.uint8) if targets else None
+        settings, phase = self.config.augment, {}
+        if settings.contrast_phase_prob > 0:
+            phase = {"structures": crop.structure_masks(),
+                     "hu_window": (source.preprocess["hu_min"], source.preprocess["hu_max"])}
+        image, masks = augment(crop.image, masks, about, settings, int(rng.integers(2 ** 31)), **phase)
         if masks is None:
             masks = np.zeros((0, *self.window), dtype=np.uint8)
         return {"image": torch.from_numpy(image)[None], "masks": torch.from_numpy(masks), **fields}
@@ -110,8 +185,10 @@ class Collate:
     def __call__(self, samples: list[dict]) -> dict:
         images = torch.stack([s["image"] for s in samples])
         if self.stage == 1:
-            return {"images": images, "names": [s["name"] for s in samples],
-                    "masks": torch.stack([s["masks"] for s in samples]).float()}
+            # Every target of a crop shares its image's encoder pass: `rows` maps each mask to its image.
+            return {"images": images, "names": [name for s in samples for name in s["names"]],
+                    "masks": torch.cat([s["masks"] for s in samples]).unsqueeze(1).float(),
+                    "rows": torch.tensor([i for i, s in enumerate(samples) for _ in s["names"]])}
         prompts = [prompting.prompt_ids(self.tokenizer, s["question"], self.num_visual_tokens) for s in samples]
         answers = [prompting.answer_ids(self.tokenizer, s["answer"], self.token_ids["eos"]) for s in samples]
         tokens = prompting.build_teacher_forced_batch(prompts, answers, self.token_ids["pad"])
