@@ -5,12 +5,13 @@
 
 The answer rule (r1seg_core/inference/decision.py) calls a trained target present when the decoder's fused mask
 holds at least `presence_min_ml`. This script asks the model for every trained structure on each training CT of
-the data list, and on `--slabs` axial slabs of it (so organs that lie outside a slab give absent examples inside
-the scanned body), records the volume the decoder marked, and writes into the model's config.json:
+the data list, cut into `--slabs` axial slabs (so organs that lie outside a slab give absent examples inside the
+scanned body, and each slab's encoding serves all its questions), records the volume the decoder marked, and
+writes into the model's config.json:
 - `known_structures`: the recipe's stage-1 targets, the only structures the model was trained to segment;
-- `presence_min_ml`: one volume for all structures, the one that misclassifies the fewest (structure, CT) pairs
-  (the midpoint, in log volume, of the gap it falls in; the lowest of equally good ones). One number for every organ: with three training patients,
-  per-organ volumes would fit noise.
+- `presence_min_ml`: one volume for all structures, the one that misclassifies the fewest (structure, slab) pairs
+  (the midpoint, in log volume, of the gap it falls in; the lowest of equally good ones). One number for every
+  organ: with three training patients, per-organ volumes would fit noise.
 The observations are kept in calibration.json beside config.json, for the model card.
 """
 from __future__ import annotations
@@ -33,8 +34,7 @@ PRESENT_MIN_ML = 5.0         # a reference mask smaller than this in a slab is n
 
 
 def slabs(volume: Volume, masks: dict[str, np.ndarray], count: int):
-    """The whole CT, then `count` axial slabs of it: (name, Volume, {structure: mask})."""
-    yield "whole", volume, masks
+    """`count` axial slabs of the CT (1: the whole CT): (name, Volume, {structure: mask})."""
     depth = volume.array.shape[0]
     for index in range(count):
         start, stop = depth * index // count, depth * (index + 1) // count
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", required=True, type=Path, help="an exported model folder (stage 1 or final)")
     parser.add_argument("--data-list", type=Path, help="training CTs with labels (default: the recipe's "
                                                        "calibration.json)")
-    parser.add_argument("--slabs", type=int, default=3, help="axial slabs per CT besides the whole CT")
+    parser.add_argument("--slabs", type=int, default=3, help="axial slabs per CT (1: the whole CT)")
     args = parser.parse_args(argv)
     record = calibrate(args.recipe, args.model, args.data_list or args.recipe / "calibration.json", args.slabs)
     print(f"[calibrate] presence_min_ml {record['presence_min_ml']} mL, {record['misclassified']} of "
