@@ -93,8 +93,8 @@ class Conversation:
         return other
 
     def history_text(self) -> str:
-        """Earlier turns as plain text, placed between the image tokens and the new question."""
-        recent = self.turns[-MAX_HISTORY_TURNS:]
+        """Earlier turns the model answered, as plain text placed between the image tokens and the new question."""
+        recent = [turn for turn in self.turns if turn.answer][-MAX_HISTORY_TURNS:]
         return " ".join(f"{turn.question} {turn.answer}" for turn in recent)
 
     def last_targets(self) -> list[str]:

@@ -234,7 +234,8 @@ class Predictor:
             text, results = answer_follow_up(question, stored, volume)
             result = AnswerResult(question, text, results, dict(timings), notes, str(self.device), profile=self.profile.name,
                                   answered_from="conversation", shape=volume.shape)
-            conversation.add(question, text, [t.name for t in results], results, text)
+            # Not the model's words: nothing for it to read back in the history.
+            conversation.add(question, "", [t.name for t in results], results, text)
             return result
 
         with timings("resample"):
