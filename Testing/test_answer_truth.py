@@ -21,9 +21,9 @@ from r1seg_core.inference.answer_text import compose_answer
 from r1seg_core.inference.conversation import masks_path
 from r1seg_core.inference.decision import ABSENT, NOT_TRAINED, PRESENT, STATUSES, Evidence, decide
 from r1seg_core.inference.fingerprint import ct_fingerprint
-from r1seg_core.inference.followup import NORMAL, SIDE, SIZE, intent
+from r1seg_core.inference.followup import NORMAL, SIDE, SIZE, follow_up_targets, intent
 from r1seg_core.inference.result import AnswerResult, TargetResult
-from r1seg_core.inference.targets import Targets
+from r1seg_core.inference.targets import Targets, read_free_answer
 from r1seg_core.inference.windows import WindowStitcher, gaussian_importance_map
 from r1seg_core.vocabulary import load_vocabulary
 from r1seg_core.volume import Volume, read_volume
@@ -101,11 +101,20 @@ def test_the_text_says_each_decision_once_and_names_what_it_did_not_understand()
                     "100.0 mL, so it is reported as absent. "
                     "This model was not trained to segment the femur; its segment is empty.")
     # A free answer that contradicts a decision is not shown; one naming a non-structure says so.
-    spoken = Targets(["liver"], {"liver": False}, [], how="answer")
+    spoken = Targets(["liver"], {"liver": False}, [])
     assert "Sorry" not in compose_answer([liver], spoken, 3, "q", "Sorry, there is no liver.")
-    bile = compose_answer([], Targets([], not_understood=["bile"], how="none"), 0, "q", "The bile is [SEG].")
+    bile = compose_answer([], Targets([], not_understood=["bile"]), 0, "q", "The bile is [SEG].")
     assert "'bile'" in bile and "[segment" not in bile
-    assert "'segment the blorp'" in compose_answer([], Targets([], how="none"), 0, "segment the blorp")
+    assert "'segment the blorp'" in compose_answer([], Targets([]), 0, "segment the blorp")
+
+
+def test_a_generated_answer_makes_targets_only_of_vocabulary_structures():
+    vocabulary = load_vocabulary()
+    bile = read_free_answer(vocabulary, "The bile is [SEG].")
+    assert bile.names == [] and bile.not_understood == ["bile"] and bile.seg_names == [None]
+    kidneys = read_free_answer(vocabulary, "The left kidney is [SEG]. Sorry, there is no brain.")
+    assert kidneys.said == {"left kidney": True, "brain": False}
+    assert read_free_answer(vocabulary, "Sorry, there is no such target.").not_understood == []
 
 
 def test_a_window_that_answers_no_does_not_erase_its_neighbours_mask():
@@ -124,6 +133,18 @@ def test_a_window_that_answers_no_does_not_erase_its_neighbours_mask():
                                             ("Now the spleen.", None), ("Segment the liver.", None)])
 def test_follow_up_intents(question, kind):
     assert intent(question) == kind
+
+
+def test_a_follow_up_points_back_or_names_only_structures_already_answered():
+    shape = (2, 3, 4)
+    chat = Conversation()
+    chat.add("Segment the liver.", "The liver is [SEG].", ["liver"], [_target("liver", PRESENT, voxels=5, shape=shape)])
+    vocabulary = load_vocabulary()
+    assert [t.name for t in follow_up_targets("Is it enlarged?", chat, vocabulary)] == ["liver"]
+    assert [t.name for t in follow_up_targets("How large is the liver?", chat, vocabulary)] == ["liver"]
+    assert follow_up_targets("How large is the spleen?", chat, vocabulary) is None     # not answered yet: segment it
+    assert follow_up_targets("Which organ is enlarged in portal hypertension?", chat, vocabulary) is None
+    assert follow_up_targets("Segment it again.", chat, vocabulary) is None               # no question about it
 
 
 # ---- the conversation file ----------------------------------------------------------------------------------------

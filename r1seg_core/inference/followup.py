@@ -12,7 +12,7 @@ import numpy as np
 
 from .decision import NOT_TRAINED, PRESENT
 from .result import TargetResult
-from .targets import named_in_question
+from .targets import named_in_question, refers_back
 
 SIZE, SIDE, NORMAL = "size", "side", "normal"
 _INTENTS = (   # the first that matches wins: "is it bigger than normal?" asks for a comparison, not a size
@@ -38,10 +38,16 @@ def intent(question: str) -> str | None:
 
 
 def follow_up_targets(question: str, conversation, vocabulary) -> list | None:
-    """The stored targets a follow-up asks about, or None when the question is not one (or nothing is stored)."""
+    """The stored targets a follow-up asks about, or None when the question is not one (or nothing is stored).
+
+    A follow-up names only structures already answered ("how large is the spleen?") or points back at the last
+    ones ("is it enlarged?"): an implicit question that happens to say "enlarged" is not one.
+    """
     if conversation is None or not conversation.stored or intent(question) is None:
         return None
-    names = named_in_question(vocabulary, question) or conversation.last_targets()
+    names = named_in_question(vocabulary, question)
+    if not names and refers_back(question):
+        names = conversation.last_targets()
     if not names or any(name not in conversation.stored for name in names):
         return None
     return [conversation.stored[name] for name in names]

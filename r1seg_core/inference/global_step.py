@@ -35,7 +35,7 @@ def choose_targets(predictor, view, question, conversation, history, answer_mode
                                     "reason: name one, e.g. 'segment the liver'")
         notes.append("text-prompted model (SAM mode, the paper's 'without reasoning' baseline): it segments every "
                      "named target and does not reason about the question")
-        return Targets(names, how="question" if named else "conversation"), "", None
+        return Targets(names), "", None
     step = opts.global_step != "off"
     known = predictor.model.config.known_structures
     if answer_mode != "constrained":
@@ -49,17 +49,17 @@ def choose_targets(predictor, view, question, conversation, history, answer_mode
         return Targets(named, {name: c == 0 for name, c in zip(trained, choice)}), model_text, coarse
     if earlier and (refers_back(question) or not step):
         notes.append("the question names no structure: its targets are the previous answer's")
-        return Targets(earlier, how="conversation"), "", None
+        return Targets(earlier), "", None
     if step and known:
         choice, model_text, coarse = _score_on_whole_ct(
             predictor, view, question, history, [[positive_answer([name]) for name in known]], opts, timings)
         chosen = known[choice[0]]
         notes.append(f"the question names no structure: the model chose the {chosen} among the {len(known)} "
                      "structures it was trained on")
-        return Targets([chosen], how="choice"), model_text, coarse
+        return Targets([chosen]), model_text, coarse
     if step:
         return _from_generation(predictor, view, question, history, named, earlier, opts, notes, timings)
-    return Targets([], how="none"), "", None
+    return Targets([]), "", None
 
 
 def _from_generation(predictor, view, question, history, named, earlier, opts, notes, timings):
@@ -71,16 +71,16 @@ def _from_generation(predictor, view, question, history, named, earlier, opts, n
         spoken = read_free_answer(predictor.vocabulary, model_text)
         if spoken.names:
             return spoken, model_text, coarse
-    names, how = (named, "question") if named else (earlier, "conversation")
+    names = named or earlier
     if not names:
-        return Targets([], not_understood=spoken.not_understood if spoken else [], how="none"), model_text, coarse
+        return Targets([], not_understood=spoken.not_understood if spoken else []), model_text, coarse
     notes.append(f"the model's answer named no target{'' if spoken is not None else ' (no whole-CT answer)'}: the "
                  f"targets are {'the structure names in the question' if named else 'the previous answer' + chr(39) + 's'}")
     if spoken is None:
-        return Targets(names, how=how), model_text, coarse
+        return Targets(names), model_text, coarse
     # An unnamed [SEG] ("It is [SEG].") still says yes, an answer without one says no.
     seg_names = [names[k] if k < len(names) else None for k in range(len(spoken.seg_names))]
-    return Targets(names, {name: bool(spoken.seg_names) for name in names}, seg_names, how=how), model_text, coarse
+    return Targets(names, {name: bool(spoken.seg_names) for name in names}, seg_names), model_text, coarse
 
 
 @torch.no_grad()

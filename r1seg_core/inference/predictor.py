@@ -211,7 +211,6 @@ class Predictor:
             raise OutOfMemoryError(f"out of {where} memory for this CT: free memory, or crop the CT "
                                    f"({str(error).splitlines()[0][:200]})") from error
 
-
     def _ask(self, volume, question, conversation, progress, cancel, options) -> AnswerResult:
         # None means "the default", so callers (the Slicer panel, the CLI) can pass unset fields through.
         opts = AskOptions(**{k: v for k, v in options.items() if v is not None}).validate()
@@ -248,7 +247,7 @@ class Predictor:
             joined = " and ".join(targets.names)
             notes.append(f"this model averages several [SEG] into one mask (the original's rule): one segment, {joined!r}")
             said = {joined: any(targets.said.values())} if targets.said else {}
-            targets = Targets([joined], said, [joined] if targets.seg_names else [], how=targets.how)
+            targets = Targets([joined], said, [joined] if targets.seg_names else [])
         known = self.model.config.known_structures
         trained = [name for name in targets.names if is_trained(name, known)]
         starts = self._starts(view, opts) if trained else []

@@ -9,10 +9,12 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from ..prompting import targets_named_absent, targets_named_in_answer
+from ..prompting import negative_answer, targets_named_absent, targets_named_in_answer
 
 # How a question points back at the previous answer's targets, when it names none ("segment it again").
 _REFERS_BACK = re.compile(r"\b(it|its|them|they|those|these|same)\b", re.IGNORECASE)
+# "Sorry, there is no such target.": the unnamed negative answer names nothing, so it is not a word misunderstood.
+_UNNAMED_NEGATIVE = targets_named_absent(negative_answer([]))
 
 
 @dataclass
@@ -22,7 +24,6 @@ class Targets:
     said: dict[str, bool] = field(default_factory=dict)   # the whole-CT answer had a [SEG] for it / said "no"
     seg_names: list[str | None] = field(default_factory=list)  # the target each [SEG] of a free answer stands for
     not_understood: list[str] = field(default_factory=list)
-    how: str = "question"      # "question", "answer" (the model's free answer), "choice", "conversation" or "none"
 
 
 def canonical(vocabulary, name: str | None) -> str | None:
@@ -53,6 +54,6 @@ def read_free_answer(vocabulary, text: str) -> Targets:
         structure = canonical(vocabulary, name)
         if structure is not None:
             said.setdefault(structure, False)
-        elif name not in unknown:
+        elif name not in unknown and name not in _UNNAMED_NEGATIVE:
             unknown.append(name)
-    return Targets(list(said), said, seg_names, unknown, "answer")
+    return Targets(list(said), said, seg_names, unknown)
