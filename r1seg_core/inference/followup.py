@@ -91,7 +91,7 @@ def _side(target: TargetResult, volume) -> str:
         where = "in the midline"
     else:
         where = f"on the patient's {'left' if offset > 0 else 'right'} side"
-    return (f"The {target.name} lies {where}: its centre is {abs(offset):.0f} mm "
+    return (f"The {target.name} ({target.volume_ml:.1f} mL) lies {where}: its centre is {abs(offset):.0f} mm "
             f"{'left' if offset > 0 else 'right'} of the body's midline, and {100 * left:.0f} % of it is on the "
             f"patient's left.")
 
