@@ -265,7 +265,8 @@ def test_bf16_on_the_cpu_gives_the_fp32_answer(tmp_path, ct):
 
 
 def test_global_step_answer_is_the_models_greedy_text(predictor, ct):
-    result = predictor.ask(ct, "segment the liver", global_step="answer")
+    # Free generation: the `generate` answer mode (and the original profile) keep the model's own words.
+    result = predictor.ask(ct, "segment the liver", global_step="answer", answer_mode="generate")
     model = predictor.model
     whole = predictor._whole_ct(predictor._ct_cache.views[("project", True)])[1]
     # The model reads the question in sentence case ("Segment the liver.").
@@ -311,10 +312,11 @@ def test_resampling_on_the_models_device_gives_the_same_answer(predictor, ct):
 
 
 def test_only_windows_touching_the_coarse_mask_are_kept_by_the_skip_step(predictor):
+    from r1seg_core.inference.global_step import far_windows
     from r1seg_core.inference.windows import window_starts
 
     coarse = torch.zeros(32, 64, 128)
     coarse[20:24, 40:44, 100:104] = 0.9
     starts = window_starts(coarse.shape, WINDOW, 0.0)
-    far = predictor._far_windows(starts, coarse, WINDOW)
+    far = far_windows(starts, coarse, WINDOW)
     assert len(starts) == 8 and [start for start in starts if start not in far] == [(16, 32, 64)]

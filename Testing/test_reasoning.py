@@ -79,9 +79,9 @@ def reasoner(ct):
 
 
 def test_an_implicit_question_naming_another_structure_segments_the_models_target(reasoner, ct):
-    # Today's keyword routing would have made this a question about the stomach.
+    # Free generation (the `generate` answer mode, the original profile): the model's own answer names the target.
     assert [s.name for s in reasoner.vocabulary.find_in_text(IMPLICIT)] == ["stomach"]
-    result = reasoner.ask(ct, IMPLICIT)
+    result = reasoner.ask(ct, IMPLICIT, answer_mode="generate")
     assert result.model_text == PANCREAS_WHOLE
     assert [t.name for t in result.targets] == ["pancreas"]
     assert result.targets[0].windows_positive == result.windows, "every window answered 'The pancreas is [SEG].'"
@@ -89,11 +89,18 @@ def test_an_implicit_question_naming_another_structure_segments_the_models_targe
     assert not any("keyword" in note for note in result.notes)
 
 
+def test_a_question_naming_a_structure_is_about_that_structure_in_the_constrained_mode(reasoner, ct):
+    # The project's default: the structures a question names are its targets, whatever the model would generate.
+    result = reasoner.ask(ct, IMPLICIT, global_step="off")
+    assert [t.name for t in result.targets] == ["stomach"] and result.model_text == ""
+
+
 def test_the_answer_shown_is_the_models_text_with_its_segment_named(reasoner, ct):
-    result = reasoner.ask(ct, IMPLICIT)
+    result = reasoner.ask(ct, IMPLICIT, answer_mode="generate")
     pancreas = result.targets[0]
+    # The model's words agree with the decision (pancreas present), so they lead the answer.
     assert result.answer.startswith("The pancreas is [segment: pancreas], the gland behind the stomach.")
-    assert f"pancreas: {pancreas.volume_ml:.1f} mL ({pancreas.voxel_count} voxels)." in result.answer
+    assert result.answer.endswith(f"pancreas: {pancreas.volume_ml:.1f} mL.")
 
 
 def test_windows_that_disagree_with_the_global_answer_are_reported(reasoner, ct):
@@ -101,15 +108,18 @@ def test_windows_that_disagree_with_the_global_answer_are_reported(reasoner, ct)
     assert result.model_text == "Sorry, there is no spleen."
     spleen = result.targets[0]
     assert spleen.name == "spleen" and spleen.present and spleen.windows_positive == result.windows
-    assert (f"The whole-CT answer says there is no spleen, but {result.windows} of {result.windows} windows found it"
-            in result.answer)
+    assert result.answer == (f"The spleen is [segment: spleen]: {spleen.volume_ml:.1f} mL. The whole-CT answer denied "
+                             f"the spleen, but {result.windows} of {result.windows} windows found it, so it is reported "
+                             "as present.")
+    assert result.to_dict()["targets"][0]["global_answer"] is False
 
 
 def test_an_absent_answer_still_writes_named_empty_segments(reasoner, ct, shared_ct, tmp_path):
     result = reasoner.ask(ct, GALLBLADDER)
     assert result.model_text == "Sorry, there is no gallbladder."
     assert [t.name for t in result.targets] == ["gallbladder"] and result.status == "absent"
-    assert result.answer.startswith("Sorry, there is no gallbladder. gallbladder: not found, the segment is empty.")
+    assert result.answer == "There is no gallbladder in this scan; its segment is empty."
+    assert result.targets[0].windows_positive == 0 and result.targets[0].marked_ml == 0
     # The command line writes the empty segmentation on the CT's grid, and the JSON says "absent".
     folder = reasoner.model.save_pretrained(tmp_path / "model")
     ct_path = shared_ct / "totalseg_example" / "example_ct_sm.nii.gz"
@@ -127,18 +137,19 @@ def test_an_absent_answer_still_writes_named_empty_segments(reasoner, ct, shared
 
 def test_follow_up_questions_keep_their_target_through_the_conversation(reasoner, ct):
     chat = Conversation()
-    reasoner.ask(ct, IMPLICIT, conversation=chat)
+    first = reasoner.ask(ct, IMPLICIT, conversation=chat, answer_mode="generate")
     follow_up = reasoner.ask(ct, "and how large is it?", conversation=chat)
-    assert [t.name for t in follow_up.targets] == ["pancreas"]
+    assert [t.name for t in follow_up.targets] == ["pancreas"] and follow_up.answered_from == "conversation"
+    assert follow_up.targets[0].mask.tobytes() == first.targets[0].mask.tobytes(), "read back, not segmented again"
+    assert follow_up.answer.startswith(f"The pancreas measures {first.targets[0].volume_ml:.1f} mL")
     # The model reads its own words back, not the volumes added for the user.
     assert PANCREAS_WHOLE in chat.history_text()
     other = reasoner.ask(ct, "and the spleen?", conversation=chat, global_step="off")
-    assert [t.name for t in other.targets] == ["spleen"]
-    assert any("keyword match" in note for note in other.notes)
+    assert [t.name for t in other.targets] == ["spleen"] and other.answered_from == "model"
 
 
 def test_one_window_of_the_whole_ct_reuses_the_global_steps_encoding(reasoner, ct):
-    result = reasoner.ask(ct, IMPLICIT, sliding_window=False)
+    result = reasoner.ask(ct, IMPLICIT, sliding_window=False, answer_mode="generate")
     assert result.windows == 1 and [t.name for t in result.targets] == ["pancreas"]
     assert result.targets[0].mask.shape == ct.shape
     assert result.model_text == PANCREAS_WHOLE
@@ -151,11 +162,12 @@ def sam():
     return Predictor(model=small_model(preset="tiny-sam"), device="cpu")
 
 
-def test_text_prompted_model_segments_every_named_target_and_never_says_absent(sam, ct):
+def test_text_prompted_model_segments_every_named_target_without_reasoning(sam, ct):
     result = sam.ask(ct, "segment the liver and the spleen")
     assert [t.name for t in result.targets] == ["liver", "spleen"]
     assert all(t.windows_positive == result.windows for t in result.targets)
-    assert "Sorry" not in result.answer and result.answer.startswith("Segmented the liver:")
+    liver = result.targets[0]
+    assert liver.present and result.answer.startswith(f"The liver is [segment: liver]: {liver.volume_ml:.1f} mL.")
     assert result.model_text == ""
     with pytest.raises(InvalidInputError, match="named structure"):
         sam.ask(ct, "what is wrong here?")

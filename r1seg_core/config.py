@@ -104,6 +104,12 @@ class R1Seg3DConfig:
     max_answer_tokens: int = 48
     card: dict = field(default_factory=dict)          # provenance shown by `r1seg info`: name, trained, source...
     format_version: int = FORMAT_VERSION
+    # The canonical vocabulary names the model was trained to segment. A question about any other structure is
+    # answered "not trained" without running the model; None (folders written before the field): no such list.
+    known_structures: list[str] | None = None
+    # The fused mask volume (mL) under which a target counts as absent: one number for every target, or one per
+    # canonical name (names left out have none). None: any voxel counts as present. Set on training patients.
+    presence_min_ml: float | dict[str, float] | None = None
 
     def validate(self) -> "R1Seg3DConfig":
         if not 0 <= self.refine_loops <= MAX_REFINE_LOOPS:
@@ -119,6 +125,12 @@ class R1Seg3DConfig:
             raise InvalidInputError("the encoder hidden size must be a multiple of 8 (the decoder upscales to hidden/8 channels)")
         if self.language_model is None and self.text_encoder is None:
             raise InvalidInputError("a model needs a language model (R1Seg3D) or a text encoder (SAM mode)")
+        if self.known_structures is not None and (
+                not isinstance(self.known_structures, list) or not self.known_structures
+                or not all(isinstance(name, str) and name for name in self.known_structures)):
+            raise InvalidInputError("known_structures must be a non-empty list of canonical structure names, or null; "
+                                    f"got {self.known_structures!r}")
+        _check_presence_min_ml(self.presence_min_ml)
         return self
 
     def to_dict(self) -> dict:
@@ -164,7 +176,19 @@ class R1Seg3DConfig:
 
 
 _SCALAR_FIELDS = {"projector_pool", "segment_projector_dropout", "refine_loops", "preprocess", "token_ids",
-                  "max_answer_tokens", "card", "format_version"}
+                  "max_answer_tokens", "card", "format_version", "known_structures", "presence_min_ml"}
+
+
+def _check_presence_min_ml(value) -> None:
+    def is_volume(number) -> bool:
+        return isinstance(number, (int, float)) and not isinstance(number, bool) and number >= 0
+
+    if value is None or is_volume(value):
+        return
+    if isinstance(value, dict) and all(isinstance(k, str) and is_volume(v) for k, v in value.items()):
+        return
+    raise InvalidInputError("presence_min_ml must be a volume in mL >= 0, a map from structure name to such a volume, "
+                            f"or null; got {value!r}")
 
 
 def _tuples(encoder: dict) -> dict:

@@ -1,23 +1,22 @@
-"""Predictor.ask: a CT and a question in, the model's answer and one mask per target on the CT's own grid out.
+"""Predictor.ask: a CT and a question in, an answer and one mask per target on the CT's own grid out.
 
 The path of one question:
-1. the global step: the whole CT resized to one window, and the model's own answer to the question as written,
-   generated greedily; the structures it names ("The pancreas is [SEG].", "Sorry, there is no spleen.") are the
-   targets. Only when it names none (or the step is off) are the question's words matched against the vocabulary,
-   then the conversation's last targets, and the notes say so;
-2. the windows (or one window of the whole CT, `sliding_window=False`): the question as written again, each target's
-   two answers ("The pancreas is [SEG]." / "Sorry, there is no pancreas.") scored on one shared prefill, or the
-   answer generated; each [SEG] becomes a decoder prompt through the model's [SEG] rule (`R1Seg3D.seg_prompts`);
-3. fusion per target (the profile's: Gaussian-weighted probabilities, or the original's constant mean of logits
-   with a -1000 veto), back to the input grid, and the answer: the model's text, each [SEG] shown as its segment's
-   name, the measured volumes, and a plain sentence where the windows disagree with the global answer.
+1. a follow-up about the conversation's last targets ("how big is it?") is answered from their stored masks
+   (`followup.py`), without running the model;
+2. the global step (`global_step.py`): the question's targets, and what the model says of them on the whole CT;
+3. the windows (or one window of the whole CT, `sliding_window=False`), for the targets the model was trained on:
+   each target's two answers ("The pancreas is [SEG]." / "Sorry, there is no pancreas.") scored on one shared
+   prefill, or the answer generated; each [SEG] becomes a decoder prompt through the model's [SEG] rule
+   (`R1Seg3D.seg_prompts`), and only windows with a mask add to the fused mask (the `original` profile: the
+   published code's constant mean of logits, with a -1000 veto from windows without one);
+4. one decision per target (`decision.py`) from that evidence, and the text written from the decisions
+   (`answer_text.py`).
 A text-prompted (SAM-mode) model skips the reasoning: it segments every named target, the paper's "without
 reasoning" baseline. Windows go through every stage in batches.
 """
 from __future__ import annotations
 
 import time
-import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,28 +25,29 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..errors import CancelledError, InvalidInputError, OutOfMemoryError
+from ..errors import CancelledError, CheckpointError, InvalidInputError, OutOfMemoryError
 from ..model.r1seg3d import NO_SEG_LOGIT
 from ..preprocess import (PreprocessConfig, input_grid_tensor, model_space_tensor, resize_from_window,
                           resize_to_window)
-from ..prompting import (POSITIVE_ANSWER, SEG_TOKEN, answer_ids, negative_answer, positive_answer, prompt_ids,
-                         targets_named_absent, targets_named_in_answer, validate_question)
+from ..prompting import answer_ids, negative_answer, positive_answer, prompt_ids, targets_named_in_answer, validate_question
 from ..volume import Volume, read_volume, validate_ct
+from .answer_text import compose_answer
 from .answers import TopP, WindowAnswers, generate, score_candidates
 from .conversation import Conversation
+from .decision import Evidence, decide, is_trained
+from .fingerprint import fingerprint_text, volume_fingerprint
+from .followup import answer_follow_up, follow_up_targets
+from .global_step import choose_targets, far_windows
 from .profiles import PROJECT, foreground_box, original_intensities, resolve_profile
 from .result import AnswerResult, TargetResult
-from .windows import WindowStitcher, extract_windows, gaussian_importance_map, pad_to_roi, window_region, window_starts
+from .targets import Targets, canonical
+from .windows import WindowStitcher, extract_windows, gaussian_importance_map, pad_to_roi, window_starts
 
 ANSWER_MODES = ("constrained", "generate", "sample")
 GLOBAL_STEP_MODES = ("off", "answer", "skip")
-UNNAMED_TARGET = "target"
-# A window is skipped by the global step when the coarse whole-CT mask has no voxel above this in it.
-SKIP_THRESHOLD = 0.1
 # Encoder outputs kept for follow-up questions about the same CT (126 Phi-3-size windows take about 0.6 GB).
 WINDOW_CACHE_BYTES = 2 * 1024 ** 3
 WHOLE_CT = (0, 0, 0)
-
 
 @dataclass
 class AskOptions:
@@ -93,26 +93,6 @@ class CTCache:
     """What the predictor keeps about the CT it last answered a question on: one View per (profile, sliding)."""
     key: bytes
     views: dict = field(default_factory=dict)
-
-
-def volume_fingerprint(volume: Volume) -> bytes:
-    """Voxels and geometry: the same CT handed over again (e.g. from Slicer) is recognised, an edited one is not.
-
-    The voxels' CRC-32 is paid on every question, at a tenth of a cryptographic hash's cost: it catches every edit
-    of one voxel and misses a larger edit with probability 2**-32, and nobody gains by forging a CT against their
-    own cache. The geometry is compared as it is.
-    """
-    voxels = np.ascontiguousarray(volume.array).view(np.uint8).reshape(-1)
-    geometry = str((volume.array.dtype, volume.array.shape, volume.spacing, volume.origin)).encode()
-    return zlib.crc32(voxels).to_bytes(4, "little") + geometry + np.asarray(volume.direction, dtype=np.float64).tobytes()
-
-
-@dataclass
-class Targets:
-    """What one question is about, and what the global answer said of each target."""
-    names: list[str]
-    said: dict[str, bool]                 # name -> the global answer had a [SEG] for it (True) or said "no" (False)
-    seg_names: list[str]                  # the segment each [SEG] of the global answer stands for, in order
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -199,6 +179,10 @@ class Predictor:
         self.model = model.to(self.device, self.dtype).eval()
         self.preprocess = PreprocessConfig.from_dict(model.config.preprocess)
         self.vocabulary = load_vocabulary()
+        unknown = [name for name in model.config.known_structures or [] if canonical(self.vocabulary, name) != name]
+        if unknown:
+            raise CheckpointError(f"the model's known_structures {unknown} are not canonical vocabulary names; "
+                                  "write them as r1seg_core/vocabulary/structures.json names them")
         self._ct_cache: CTCache | None = None
 
     @property
@@ -230,7 +214,6 @@ class Predictor:
     def _ask(self, volume, question, conversation, progress, cancel, options) -> AnswerResult:
         # None means "the default", so callers (the Slicer panel, the CLI) can pass unset fields through.
         opts = AskOptions(**{k: v for k, v in options.items() if v is not None}).validate()
-        overlap = self.profile.overlap if opts.overlap is None else opts.overlap
         answer_mode = opts.answer_mode or self.profile.answer_mode
         timings = Timings(self.device)
         with timings("read"):
@@ -239,118 +222,56 @@ class Predictor:
         question = validate_question(question)
         with timings("cache_lookup"):
             cache = self._cache_for(volume)    # also checks a CT it has not seen yet
-        with timings("resample"):
-            view = self._view(volume, cache, opts.sliding_window)
         notes = ["the model is an untrained placeholder: its masks are not meaningful"] if self.is_placeholder else []
         if self.profile.name != PROJECT:
             notes.append(f"inference profile '{self.profile.name}': the published code's preprocessing, window fusion "
                          "and per-window generated answers")
+        if conversation is not None and conversation.bind(fingerprint_text(cache.key)):
+            notes.append("this conversation was about another CT: its earlier segments are not reused")
+        stored = follow_up_targets(question, conversation, self.vocabulary)
+        if stored is not None:
+            text, results = answer_follow_up(question, stored, volume)
+            result = AnswerResult(question, text, results, dict(timings), notes, str(self.device), profile=self.profile.name,
+                                  answered_from="conversation", shape=volume.shape)
+            # Not the model's words: nothing for it to read back in the history.
+            conversation.add(question, "", [t.name for t in results], results, text)
+            return result
+
+        with timings("resample"):
+            view = self._view(volume, cache, opts.sliding_window)
         history = conversation.history_text() if conversation else ""
-
-        model_text, coarse = "", None
-        if self.text_prompted:
-            targets = self._targets_from_words(question, conversation, notes)
-            if not targets.names:
-                raise InvalidInputError("this text-prompted model (SAM mode) segments a named structure and does not "
-                                        "reason: name one, e.g. 'segment the liver'")
-            notes.append("text-prompted model (SAM mode, the paper's 'without reasoning' baseline): it segments every "
-                         "named target and never judges whether it is there")
-        else:
-            if opts.global_step != "off":
-                model_text, coarse = self._global_step(view, question, history, opts, timings)
-                targets = self._targets_in_answer(model_text)
-            else:
-                targets = Targets([], {}, [])
-                notes.append("global step off: no whole-CT answer")
-            if not targets.names:
-                targets = self._targets_from_words(question, conversation, notes, targets if model_text else None)
-            if self.model.config.compatibility.average_seg_states and len(targets.names) > 1:
-                # The original's rule: several [SEG] states are averaged into one prompt, so one mask answers them all.
-                joined = " and ".join(targets.names)
-                notes.append(f"this model averages several [SEG] into one mask (the original's rule): one segment, {joined!r}")
-                targets = Targets([joined], {joined: any(targets.said.values())} if targets.said else {}, [joined])
-        names = targets.names or [UNNAMED_TARGET]
-
-        roi = self.model.window_size
-        starts = window_starts(view.padded.shape, roi, overlap) if view.sliding else [WHOLE_CT]
-        skipped = self._far_windows(starts, coarse, roi) if opts.global_step == "skip" else set()
-        constant = self.profile.fusion == "constant"
-        importance = torch.ones(roi, device=self.device) if constant else gaussian_importance_map(roi, device=self.device)
-        background = NO_SEG_LOGIT if constant else 0.0
-        stitchers = [WindowStitcher(view.padded.shape, roi, importance, device=self.device, background=background)
-                     for _ in names]
-        positives = [0] * len(names)
-        active = [s for s in starts if s not in skipped]
-        for stitcher in stitchers:
-            stitcher.add_background([s for s in starts if s in skipped])
-        ask = self._window_asker(question, history, names, answer_mode, opts)
-        self._run_windows(view, active, ask, opts, stitchers, positives, timings, notes, progress, cancel, len(starts))
-
+        targets, model_text, coarse = choose_targets(self, view, question, conversation, history, answer_mode, opts,
+                                                     notes, timings)
+        if self.model.config.compatibility.average_seg_states and len(targets.names) > 1:
+            # The original's rule: several [SEG] states are averaged into one prompt, so one mask answers them all.
+            joined = " and ".join(targets.names)
+            notes.append(f"this model averages several [SEG] into one mask (the original's rule): one segment, {joined!r}")
+            said = {joined: any(targets.said.values())} if targets.said else {}
+            targets = Targets([joined], said, [joined] if targets.seg_names else [])
+        known = self.model.config.known_structures
+        trained = [name for name in targets.names if is_trained(name, known)]
+        starts = self._starts(view, opts) if trained else []
+        found = self._segment(view, starts, trained, question, history, answer_mode, opts, coarse, notes, timings,
+                              progress, cancel)
         results = []
-        with timings("resample_back"):
-            for name, stitcher, count in zip(names, stitchers, positives):
-                on_input = view.back(stitcher.result()[view.crop])
-                probability = torch.sigmoid(on_input) if constant else on_input
-                mask = (probability >= opts.threshold).to(torch.uint8).cpu().numpy()   # a quarter of the probabilities' bytes
-                kept = probability.cpu().numpy() if opts.keep_probability else None
-                voxels = int(mask.sum())
-                results.append(TargetResult(name, mask, kept, voxels * volume.voxel_volume_ml, voxels, count))
-        if self.text_prompted:
-            answer = compose_text_prompted_answer(results)
-        else:
-            answer = compose_answer(model_text, results, targets, len(starts))
+        for name in targets.names:
+            mask, probability, positive = found.get(name, (np.zeros(volume.shape, np.uint8), None, 0))
+            evidence = Evidence(name, int(mask.sum()) * volume.voxel_volume_ml, targets.said.get(name), positive,
+                                len(starts))
+            decision = decide(evidence, known, self.model.config.presence_min_ml)
+            results.append(TargetResult.from_decision(decision, mask, probability, volume.voxel_volume_ml))
+        free_text = model_text if answer_mode != "constrained" else ""
+        answer = compose_answer(results, targets, len(starts), question, free_text)
         result = AnswerResult(question, answer, results, dict(timings), notes, str(self.device), model_text, len(starts),
-                              self.profile.name)
+                              self.profile.name, list(targets.not_understood), shape=volume.shape)
         if conversation is not None:
-            # The model reads its own words back in the history, not the volumes appended for the user.
-            conversation.add(question, model_text or answer, [t.name for t in results if t.present] or targets.names)
+            # The model reads its own words back in the history, not the volumes written for the user.
+            conversation.add(question, model_text or answer, targets.names, results, answer)
         return result
 
-    # ---- targets -------------------------------------------------------------------------------------------
-
-    def _canonical(self, name: str | None) -> str | None:
-        structure = self.vocabulary.lookup(name) if name else None
-        return structure.name if structure is not None else None
-
-    def _targets_in_answer(self, text: str) -> Targets:
-        """The structures the model's answer names: before a [SEG] (found) or after "there is no" (not there)."""
-        said: dict[str, bool] = {}
-        seg_names = []
-        for name in targets_named_in_answer(text):
-            canonical = self._canonical(name)
-            seg_names.append(canonical)
-            if canonical is not None:
-                said[canonical] = True
-        for name in targets_named_absent(text):
-            canonical = self._canonical(name)
-            if canonical is not None:
-                said.setdefault(canonical, False)
-        return Targets(list(said), said, seg_names)
-
-    def _targets_from_words(self, question: str, conversation, notes: list[str], spoken: Targets | None = None) -> Targets:
-        """The fallback: structure names in the question, else the conversation's last targets.
-
-        `spoken`, the global answer's reading when there was one, still says whether the target is there: an unnamed
-        [SEG] ("It is [SEG].") says yes, an answer without [SEG] says no.
-        """
-        names = [s.name for s in self.vocabulary.find_in_text(question)]
-        how = "the structure names in the question (keyword match)"
-        if not names and conversation is not None:
-            names = conversation.last_targets()
-            how = "the previous turn's targets"
-        if not self.text_prompted and names:
-            notes.append(f"the model's answer named no target{'' if spoken is not None else ' (no whole-CT answer)'}: "
-                         f"the targets are {how}")
-        if spoken is None:
-            return Targets(names, {}, [])
-        seg_names = [names[k] if k < len(names) else UNNAMED_TARGET for k in range(len(spoken.seg_names))]
-        return Targets(names, {name: bool(spoken.seg_names) for name in names}, seg_names)
-
     def answer_templates(self, names: list[str]) -> list[list[list[int]]]:
-        """Per target, the model's two answers: found (one [SEG]) or not there; one pair for an unnamed target."""
+        """Per target, the model's two answers: found (one [SEG]) or not there."""
         tokenizer, eos = self.model.tokenizer, self.model.token_ids["eos"]
-        if not names:
-            return [[answer_ids(tokenizer, POSITIVE_ANSWER, eos), answer_ids(tokenizer, negative_answer([]), eos)]]
         return [[answer_ids(tokenizer, positive_answer([name]), eos), answer_ids(tokenizer, negative_answer([name]), eos)]
                 for name in names]
 
@@ -402,32 +323,39 @@ class Predictor:
             view.whole_ct = (tokens, self.model.projector(tokens))
         return view.whole_ct
 
-    @torch.no_grad()
-    def _global_step(self, view, question, history, opts, timings):
-        """One pass over the whole CT: the model's own answer to the question as written, and a coarse mask."""
-        with timings("global_step"):
-            tokens, visual = self._whole_ct(view)
-            prompt = prompt_ids(self.model.tokenizer, question, self.model.num_visual_tokens, history)
-            answers = generate(self.model, visual, prompt, self.max_new_tokens)
-            text = self.model.tokenizer.decode(answers.token_ids[0], skip_special_tokens=False)
-            text = text.replace(self.model.tokenizer.eos_token or "", "").strip()
-            coarse = None
-            if opts.global_step == "skip" and view.sliding and answers.prompts is not None:
-                seg = self.model.decode_masks(tokens.expand(len(answers.rows), -1, -1), answers.prompts, opts.loops)
-                probability = torch.sigmoid(seg.logits[:, 0].float()).amax(0)
-                coarse = torch.zeros(view.padded.shape, device=self.device)
-                coarse[view.crop] = torch.nn.functional.interpolate(
-                    probability[None, None], size=tuple(s.stop - s.start for s in view.crop), mode="trilinear")[0, 0]
-        return text, coarse
-
-    def _far_windows(self, starts, coarse, roi) -> set:
-        if coarse is None:
-            return set()
-        # One host sync for all windows, not one per window.
-        maxima = torch.stack([coarse[window_region(start, roi)].amax() for start in starts]).tolist()
-        return {start for start, peak in zip(starts, maxima) if peak < SKIP_THRESHOLD}
-
     # ---- windows -------------------------------------------------------------------------------------------
+
+    def _starts(self, view: View, opts: AskOptions) -> list:
+        overlap = self.profile.overlap if opts.overlap is None else opts.overlap
+        return window_starts(view.padded.shape, self.model.window_size, overlap) if view.sliding else [WHOLE_CT]
+
+    def _segment(self, view, starts, names, question, history, answer_mode, opts, coarse, notes, timings, progress,
+                 cancel) -> dict:
+        """Per target: its fused mask on the input grid, its probabilities (when kept), and its windows with a mask."""
+        if not names:
+            return {}
+        roi = self.model.window_size
+        skipped = far_windows(starts, coarse, roi) if opts.global_step == "skip" else set()
+        constant = self.profile.fusion == "constant"
+        importance = torch.ones(roi, device=self.device) if constant else gaussian_importance_map(roi, device=self.device)
+        background = NO_SEG_LOGIT if constant else 0.0
+        stitchers = [WindowStitcher(view.padded.shape, roi, importance, device=self.device, background=background)
+                     for _ in names]
+        positives = [0] * len(names)
+        active = [s for s in starts if s not in skipped]
+        if constant:
+            for stitcher in stitchers:
+                stitcher.add_background([s for s in starts if s in skipped])
+        ask = self._window_asker(question, history, names, answer_mode, opts)
+        self._run_windows(view, active, ask, opts, stitchers, positives, timings, notes, progress, cancel, len(starts))
+        found = {}
+        with timings("resample_back"):
+            for name, stitcher, count in zip(names, stitchers, positives):
+                on_input = view.back(stitcher.result()[view.crop])
+                probability = torch.sigmoid(on_input) if constant else on_input
+                mask = (probability >= opts.threshold).to(torch.uint8).cpu().numpy()   # a quarter of the probabilities' bytes
+                found[name] = (mask, probability.cpu().numpy() if opts.keep_probability else None, count)
+        return found
 
     def _window_asker(self, question: str, history: str, names: list[str], answer_mode: str, opts: AskOptions):
         """A function from a chunk's visual tokens to its answers: (prompts, row of each, target of each)."""
@@ -439,9 +367,8 @@ class Predictor:
                 return prompts.repeat(visual.shape[0], 1), rows, list(range(len(names))) * visual.shape[0]
             return ask
         prompt = prompt_ids(self.model.tokenizer, question, self.model.num_visual_tokens, history)
-        named = [] if names == [UNNAMED_TARGET] else names
         if answer_mode == "constrained":
-            groups = self.answer_templates(named)
+            groups = self.answer_templates(names)
 
             def ask(visual):
                 answers = score_candidates(self.model, visual, prompt, groups)
@@ -461,7 +388,7 @@ class Predictor:
         for row, k in zip(answers.rows, answers.masks):
             if row not in said_by_row:
                 text = self.model.tokenizer.decode(answers.token_ids[row], skip_special_tokens=False)
-                said_by_row[row] = [self._canonical(name) for name in targets_named_in_answer(text)]
+                said_by_row[row] = [canonical(self.vocabulary, name) for name in targets_named_in_answer(text)]
             said = said_by_row[row]
             name = said[k] if k < len(said) and said[k] in names else None
             owners.append(names.index(name) if name is not None else min(k, len(names) - 1))
@@ -555,10 +482,11 @@ class Predictor:
         pairs = [computed.get(start) or view.windows[start] for start in chunk]
         return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
 
-    @staticmethod
-    def _stitch(chunk, masks, stitchers, positives, timings):
-        """A window without a mask for a target adds the background (probability 0, or the original's veto)."""
+    def _stitch(self, chunk, masks, stitchers, positives, timings):
+        """Only windows with a mask for a target add to it: a window that answered "no" adds nothing, so it cannot
+        erase what its neighbours found. The original's constant fusion keeps its -1000 veto from such windows."""
         rows, owners, values = masks
+        veto = self.profile.fusion == "constant"
         with timings("stitching"):
             for target, stitcher in enumerate(stitchers):
                 hits = [i for i, owner in enumerate(owners) if owner == target]
@@ -566,44 +494,5 @@ class Predictor:
                 if hits:
                     stitcher.add(values[hits], [chunk[rows[i]] for i in hits])
                     positives[target] += len(hit_rows)
-                stitcher.add_background([start for row, start in enumerate(chunk) if row not in hit_rows])
-
-
-def _shown(text: str, seg_names: list[str]) -> str:
-    """The model's text with each [SEG] replaced by the name of the segment it made."""
-    parts = text.split(SEG_TOKEN)
-    shown = [parts[0]]
-    for k, part in enumerate(parts[1:]):
-        name = seg_names[k] if k < len(seg_names) and seg_names[k] else UNNAMED_TARGET
-        shown.append(f"[segment: {name}]" + part)
-    return "".join(shown)
-
-
-def compose_answer(model_text: str, targets: list[TargetResult], spoken: Targets, windows: int) -> str:
-    """What the user reads: the model's own answer, the measured volumes, and where the windows disagree with it.
-
-    Without a global answer (step off) the answer is the template each target's windows chose.
-    """
-    if model_text:
-        seg_names = [name or (spoken.names[k] if k < len(spoken.names) else None)
-                     for k, name in enumerate(spoken.seg_names)]
-        parts = [_shown(model_text, seg_names)]
-    else:
-        parts = [_shown(positive_answer([t.name]), [t.name]) if t.present else negative_answer([t.name]) for t in targets]
-    for target in targets:
-        if target.present:
-            parts.append(f"{target.name}: {target.volume_ml:.1f} mL ({target.voxel_count} voxels).")
-        else:
-            parts.append(f"{target.name}: not found, the segment is empty.")
-        said = spoken.said.get(target.name)
-        if said is False and target.present:
-            parts.append(f"The whole-CT answer says there is no {target.name}, but {target.windows_positive} of "
-                         f"{windows} windows found it; the segment holds what they found.")
-        elif said is True and not target.present:
-            parts.append(f"The whole-CT answer found the {target.name}, but no window confirmed it; the segment is empty.")
-    return " ".join(parts)
-
-
-def compose_text_prompted_answer(targets: list[TargetResult]) -> str:
-    """A text-prompted model has no answer of its own: it says what it segmented, never that a target is absent."""
-    return " ".join(f"Segmented the {t.name}: {t.volume_ml:.1f} mL ({t.voxel_count} voxels)." for t in targets)
+                if veto:
+                    stitcher.add_background([start for row, start in enumerate(chunk) if row not in hit_rows])
