@@ -30,6 +30,7 @@ def command_ask(args) -> int:
     from .volume import read_volume
 
     validate_question(args.question)          # a bad question or CT fails before the model loads, not after
+    quiet_libraries()
     volume = read_volume(args.ct)
     conversation = open_conversation(args.conversation, volume) if args.conversation else None
     predictor = load_predictor(args)
@@ -61,7 +62,6 @@ def load_predictor(args):
     from . import default_model_path
     from .inference import Predictor
 
-    quiet_libraries()
     model_dir = Path(args.model) if args.model else default_model_path()
     predictor = Predictor(model_dir, device=args.device, dtype=args.dtype, profile=args.profile)
     if predictor.is_placeholder:
@@ -103,6 +103,7 @@ def command_chat(args) -> int:
     from .inference import Conversation
     from .volume import read_volume
 
+    quiet_libraries()
     folder = Path(args.out)
     folder.mkdir(parents=True, exist_ok=True)
     volume = read_volume(args.ct)
