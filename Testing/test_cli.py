@@ -94,7 +94,7 @@ def test_ask_prints_one_progress_bar_no_warnings_and_paths_as_typed(model_dir, s
     child = subprocess.run([sys.executable, "-W", "default", "-m", "r1seg_core.cli", "ask", small_ct,
                             "segment the liver", "-o", "out/liver.seg.nrrd", "--json", "out/liver.json", "--model",
                             str(model_dir), "--device", "cpu"],
-                           cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                           cwd=tmp_path, capture_output=True, text=True, timeout=900,
                            env={**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "100"})
     assert child.returncode == 0, child.stderr
     assert "wrote out/liver.seg.nrrd" in child.stdout and "wrote out/liver.json" in child.stdout
@@ -156,7 +156,7 @@ class Terminal:
         os.close(slave)
         self.seen = ""
 
-    def expect(self, text: str, timeout: float = 240) -> str:
+    def expect(self, text: str, timeout: float = 900) -> str:
         deadline = time.monotonic() + timeout
         while text not in self.seen:
             ready, _, _ = select.select([self.master], [], [], max(0.0, deadline - time.monotonic()))

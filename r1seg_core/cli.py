@@ -95,7 +95,7 @@ CHAT_SHARES_ASK_OPTIONS = ("model", "device", "dtype", "overlap", "loops", "wind
 CHAT_HELP = """Type a question and press Enter. Commands:
   /history   the conversation so far
   /new       start a new conversation about this CT (the files written so far stay)
-  /quit      end (also Ctrl-D); Ctrl-C stops the answer being computed"""
+  /quit      end (also Ctrl-D); Ctrl-C stops the answer being computed, or drops the line being typed"""
 
 
 def command_chat(args) -> int:
@@ -132,13 +132,17 @@ def command_chat(args) -> int:
 
 
 def _questions():
-    """Lines typed at the prompt until /quit or end of input; blank lines are skipped."""
+    """Lines typed at the prompt until end of input; blank lines are skipped, and Ctrl-C at the prompt drops the
+    line being typed, as in Python's own prompt."""
     while True:
         try:
             line = input("> ").strip()
         except EOFError:
             print()
             return
+        except KeyboardInterrupt:
+            print()
+            continue
         if line:
             yield line
 
