@@ -59,7 +59,7 @@ def progress_bar(stream=None):
             bar = None
         if bar is None:
             bar = tqdm(total=total, desc=stage, unit="window", file=stream or sys.stderr, leave=False,
-                       dynamic_ncols=True, mininterval=0.5)
+                       dynamic_ncols=True, mininterval=0.5, disable=False)   # not hidden by quiet_libraries
         bar.update(done - bar.n)
         if done >= total:
             bar.close()
@@ -77,6 +77,8 @@ def quiet_libraries() -> None:
         warnings.filterwarnings("ignore", category=category)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    # tqdm's default for every bar that does not say otherwise (transformers' GGUF dequantisation draws its own).
+    os.environ.setdefault("TQDM_DISABLE", "1")
     try:
         from transformers.utils import logging
     except ImportError:               # a `--server` client needs no transformers

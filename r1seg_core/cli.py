@@ -63,6 +63,7 @@ def load_predictor(args):
     from .inference import Predictor
 
     model_dir = Path(args.model) if args.model else default_model_path()
+    _first_use_note(model_dir)
     predictor = Predictor(model_dir, device=args.device, dtype=args.dtype, profile=args.profile)
     if predictor.is_placeholder:
         print(f"note: {shown_path(model_dir)} is an UNTRAINED PLACEHOLDER model: the pipeline runs end to end, "
@@ -71,6 +72,22 @@ def load_predictor(args):
         print("note: the bundled default model is a small demonstration model, not for clinical use; its scores are "
               "in its model card (r1seg info)", file=sys.stderr)
     return predictor
+
+
+def _first_use_note(model_dir: Path) -> None:
+    """The one slow load: a packaged GGUF base LLM not yet dequantised into the cache (its progress bar is hidden)."""
+    from .config import R1Seg3DConfig
+    from .model.packaged import dequantised_folder
+
+    try:
+        language_model = R1Seg3DConfig.load(model_dir).language_model
+    except R1SegError:
+        return                                  # the load itself reports what is wrong with the folder
+    spec = language_model.package if language_model is not None else None
+    cached = dequantised_folder(spec) if spec and str(spec.get("file", "")).endswith(".gguf") else None
+    if cached is not None and not (cached / "config.json").is_file():
+        print(f"note: first use of the base language model: it is dequantised once (seconds to a minute) and kept "
+              f"in {shown_path(cached.parent.parent)}", file=sys.stderr)
 
 
 def open_conversation(path, volume):
