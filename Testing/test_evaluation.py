@@ -95,11 +95,12 @@ def test_empty_masks_follow_the_documented_definitions(shared_ct):
 # ---- aggregation ----------------------------------------------------------------------------------------------
 
 def row(case, target, kind, dice, hd95, present_gt=True, present_pred=True, tag=None, seconds=1.0, memory=100.0,
-        dataset="A"):
+        dataset="A", status=None):
     return {"id": case, "dataset": dataset, "target": target, "kind": kind, "tag": tag or kind,
             "question": f"question {tag}" if tag else f"question about the {target}",
             "dice": dice, "precision": dice, "sensitivity": dice, "iou": dice, "hd95_mm": hd95,
-            "present_gt": present_gt, "present_pred": present_pred, "seconds": seconds, "peak_memory_mb": memory}
+            "present_gt": present_gt, "present_pred": present_pred, "seconds": seconds, "peak_memory_mb": memory,
+            "status": status or ("present" if present_pred else "absent")}
 
 
 def test_aggregation_of_a_small_table():
@@ -127,8 +128,27 @@ def test_aggregation_of_a_small_table():
     assert cost["n"] == 7                                  # the two-target question counts once
     assert cost["total_s"] == pytest.approx(1 + 3 + 1 + 5 + 1 + 1 + 1) and cost["peak_mb"] == 300.0
     table = report.presence_table(rows)
-    assert "| Total | 3 | 2 | 1 | 33.33 |" in table and "| absent_in_region | 2 | 1 | 1 | 50.00 |" in table
+    assert "| Total | 3 | 0 | 2 | 1 | 33.33 | 33.33 |" in table
+    assert "| absent_in_region | 2 | 0 | 1 | 1 | 50.00 | 50.00 |" in table
     assert "| Overall | 5 | 48.00 ± " in report.segmentation_table(rows, "dataset")
+
+
+def test_not_trained_is_counted_apart_from_absent_everywhere():
+    rows = [row("c1", "liver", "explicit", 0.8, 5.0),
+            row("c1", "spleen", "explicit", 0.0, math.inf, present_pred=False),                    # a miss
+            row("c1", "femur", "explicit", 0.0, math.inf, present_pred=False, status="not_trained"),
+            row("c1", "brain", "absent_out_of_region", 0.0, math.inf, present_gt=False),            # FP by vision
+            row("c1", "heart", "absent_out_of_region", 1.0, 0.0, present_gt=False, present_pred=False),  # TN
+            row("c1", "skull", "absent_out_of_region", 1.0, 0.0, present_gt=False, present_pred=False,
+                status="not_trained")]
+    summary = report.segmentation_summary(report.segmentation_rows(rows))
+    assert (summary["n"], summary["missed"], summary["not_trained"]) == (3, 1, 1)
+    presence = report.presence_summary(report.presence_rows(rows))
+    assert (presence["n"], presence["not_trained"], presence["fp"], presence["tn"]) == (3, 1, 1, 1)
+    assert presence["specificity_vision"] == pytest.approx(1 / 2)      # the trained targets only
+    assert presence["specificity"] == pytest.approx(2 / 3)             # with the rule: "skull" declined unseen
+    assert "| Total | 3 | 1 | 1 | 1 | 50.00 | 66.67 |" in report.presence_table(rows)
+    assert report.segmentation_table(rows, None).splitlines()[-1].endswith("| 1 | 1 |")
 
 
 def test_body_regions_name_vocabulary_structures_and_split_absent_targets():
@@ -311,7 +331,8 @@ def test_evaluate_end_to_end_resumes_and_writes_every_artefact(model_dir, two_ca
     text = (out / "report.md").read_text()
     config_hash = hashlib.sha256((model_dir / "config.json").read_bytes()).hexdigest()
     data_hash = hashlib.sha256(two_cases.read_bytes()).hexdigest()
-    for expected in (str(model_dir), config_hash, data_hash, f"torch {torch.__version__}", "Table 3", "SPE (%)"):
+    for expected in (str(model_dir), config_hash, data_hash, f"torch {torch.__version__}", "Table 3",
+                     "SPE with the not-trained rule (%)", "## Left out"):
         assert expected in text
     for png in ("dice_by_dataset.png", "dice_by_target.png"):
         assert matplotlib.image.imread(out / png).ndim == 3
@@ -320,6 +341,27 @@ def test_evaluate_end_to_end_resumes_and_writes_every_artefact(model_dir, two_ca
     before = (out / "cases.csv").read_text()
     assert run_cli("--merge", out) == 0 and (out / "cases.csv").read_text() == before
     assert run_cli(*common, "--loops", "0") == 2
+
+
+def test_a_partial_classes_map_scores_only_the_named_structures_and_says_what_it_left_out(
+        model_dir, shared_ct, tmp_path):
+    # As README's example: the map names two of the label's values.
+    partial = write_json(tmp_path / "partial.json", [dicom_case(shared_ct, classes={"5": "liver", "1": "spleen"})])
+    out = tmp_path / "report"
+    assert run_cli("--model", model_dir, "--data", partial, "--out", out, "--kinds",
+                   "explicit,absent_in_region,absent_out_of_region", *FAST) == 0
+    rows = report.read_rows(out / "cases.csv")
+    assert {r["target"] for r in rows} <= {"liver", "spleen"} and {r["kind"] for r in rows} == {"explicit"}
+    assert all(r["status"] in ("present", "absent", "not_trained", "not_named") for r in rows)
+    label = sitk.GetArrayFromImage(sitk.ReadImage(str(shared_ct / TS / "example_seg_dicom.nii.gz")))
+    values, counts = np.unique(label, return_counts=True)
+    unnamed = {int(v): int(n) for v, n in zip(values, counts) if v not in (0, 1, 5)}
+    left_out = json.loads((out / "rows" / "shard-0-of-1.jsonl").read_text())["left_out"]
+    assert left_out["unnamed_label_values"] == {str(v): n for v, n in unnamed.items()}
+    assert left_out["skipped_kinds"] == ["absent_out_of_region"]
+    text = (out / "report.md").read_text().split("## Left out")[1].split("##")[0]
+    first = min(unnamed)
+    assert f"{first} ({unnamed[first]} voxels)" in text and "no absent_out_of_region questions" in text
 
 
 def test_shards_fill_one_folder_and_the_last_one_merges(model_dir, two_cases, tmp_path, capsys):

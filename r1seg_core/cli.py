@@ -1,4 +1,5 @@
-"""`r1seg`: ask a question about a CT, evaluate a model, show a model card, create or convert model folders.
+"""`r1seg`: ask a question about a CT (once, in a conversation kept in a file, or in an interactive `chat`), evaluate
+a model, show a model card, create or convert model folders.
 
 Exit codes: 0 done, 2 bad input, 3 model folder problem, 4 out of memory, 130 cancelled, 1 anything else.
 Outputs are written only when the whole answer is ready, each atomically.
@@ -10,97 +11,209 @@ import json
 import sys
 from pathlib import Path
 
+from .answer_output import print_answer, print_outputs, progress_bar, quiet_libraries, segment_colors, shown_path
 from .errors import CancelledError, CheckpointError, InvalidInputError, OutOfMemoryError, R1SegError
 
 EXIT_CODES = ((InvalidInputError, 2), (CheckpointError, 3), (OutOfMemoryError, 4), (CancelledError, 130), (R1SegError, 1))
 
 
-def _progress_bar():
-    from tqdm import tqdm
-
-    bar = None
-
-    def update(done: int, total: int, stage: str) -> None:
-        nonlocal bar
-        if bar is None:
-            bar = tqdm(total=total, desc=stage, unit="window", file=sys.stderr, leave=False)
-        bar.n = done
-        bar.refresh()
-        if done >= total:
-            bar.close()
-
-    return update
-
-
 def command_ask(args) -> int:
-    check_output_folders(args)
+    check_outputs(args)
     if args.server:
+        if args.conversation:
+            raise InvalidInputError("--conversation keeps the conversation in a file for a model loaded here; "
+                                    "drop --server to use it (a server keeps its own conversations)")
         from .server.client import ask_command
 
-        return ask_command(args, _progress_bar())
-    from . import default_model_path
-    from .inference import Predictor
+        return ask_command(args, progress_bar())
+    from .prompting import validate_question
     from .volume import read_volume
 
-    model_dir = Path(args.model) if args.model else default_model_path()
-    predictor = Predictor(model_dir, device=args.device, dtype=args.dtype, profile=args.profile)
-    if predictor.is_placeholder:
-        print(f"note: {model_dir} is an UNTRAINED PLACEHOLDER model: the pipeline runs end to end, "
-              "but answers and masks are not meaningful. Pass --model with a trained or converted model.", file=sys.stderr)
-    elif not args.model:
-        print(f"note: the bundled default model is a small demonstration model, not for clinical use; its scores are "
-              f"in {default_model_path() / 'MODEL_CARD.md'}", file=sys.stderr)
+    validate_question(args.question)          # a bad question or CT fails before the model loads, not after
+    quiet_libraries()
     volume = read_volume(args.ct)
-    result = predictor.ask(volume, args.question, overlap=args.overlap, loops=args.loops, window_batch=args.window_batch,
-                           answer_mode=args.answer_mode, global_step=args.global_step,
-                           sliding_window=not args.no_sliding_window, seed=args.seed, progress=_progress_bar())
+    conversation = open_conversation(args.conversation, volume) if args.conversation else None
+    predictor = load_predictor(args)
+    result = predictor.ask(volume, args.question, conversation=conversation, progress=progress_bar(),
+                           **ask_options(args))
     summary = result.to_dict()
     print_answer(summary)
     if args.output:
         # Also when nothing was found: empty, named segments, so a script can tell "absent" from a lost file.
-        result.write(args.output, volume, _colors(result))
+        result.write(args.output, volume, segment_colors(result))
     if args.json:
         result.write_json(args.json)
     print_outputs(args, summary)
+    if conversation is not None:
+        conversation.save(args.conversation)
+        print(f"wrote {shown_path(args.conversation)} (ask again with --conversation {shown_path(args.conversation)} "
+              "to follow up)")
     return 0
 
 
-def check_output_folders(args) -> None:
-    """Before any work: an output whose folder is missing would otherwise fail after the whole answer."""
-    for path in (Path(p) for p in (args.output, args.json) if p):
-        if not path.parent.is_dir():
-            raise InvalidInputError(f"output folder {path.parent} does not exist")
+def ask_options(args) -> dict:
+    """`Predictor.ask`'s options from `r1seg ask`/`r1seg chat` arguments (None: the model's or profile's default)."""
+    return dict(overlap=args.overlap, loops=args.loops, window_batch=args.window_batch, answer_mode=args.answer_mode,
+                global_step=args.global_step, sliding_window=not args.no_sliding_window, seed=args.seed)
 
 
-def print_answer(summary: dict) -> None:
-    """`r1seg ask`'s report of an answer (AnswerResult.to_dict(), here or from a server): notes, text, targets."""
-    for note in summary["notes"]:
-        print(f"note: {note}", file=sys.stderr)
-    print(summary["answer"])
-    for target in summary["targets"]:
-        print(f"  {target['name']}: {target['status']}, {target['volume_ml']:.1f} mL, {target['voxel_count']} voxels")
+def load_predictor(args):
+    """The model `r1seg ask`/`r1seg chat` answer with, and what the user must know about it, said once."""
+    from . import default_model_path
+    from .inference import Predictor
+
+    model_dir = Path(args.model) if args.model else default_model_path()
+    _first_use_note(model_dir)
+    predictor = Predictor(model_dir, device=args.device, dtype=args.dtype, profile=args.profile)
+    if predictor.is_placeholder:
+        print(f"note: {shown_path(model_dir)} is an UNTRAINED PLACEHOLDER model: the pipeline runs end to end, "
+              "but answers and masks are not meaningful. Pass --model with a trained or converted model.", file=sys.stderr)
+    elif not args.model:
+        print("note: the bundled default model is a small demonstration model, not for clinical use; its scores are "
+              "in its model card (r1seg info)", file=sys.stderr)
+    return predictor
 
 
-def print_outputs(args, summary: dict) -> None:
-    """What `r1seg ask` wrote, and the timings when asked for."""
+def _first_use_note(model_dir: Path) -> None:
+    """The one slow load: a packaged GGUF base LLM not yet dequantised into the cache (its progress bar is hidden)."""
+    from .config import R1Seg3DConfig
+    from .model.packaged import dequantised_folder
+
+    try:
+        language_model = R1Seg3DConfig.load(model_dir).language_model
+    except R1SegError:
+        return                                  # the load itself reports what is wrong with the folder
+    spec = language_model.package if language_model is not None else None
+    cached = dequantised_folder(spec) if spec and str(spec.get("file", "")).endswith(".gguf") else None
+    if cached is not None and not (cached / "config.json").is_file():
+        print(f"note: first use of the base language model: it is dequantised once (seconds to a minute) and kept "
+              f"in {shown_path(cached.parent.parent)}", file=sys.stderr)
+
+
+def open_conversation(path, volume):
+    """The conversation kept in `path`: continued when it is about this CT, else (a new file, or one about another
+    CT) a new one, which then replaces it when the answer is saved."""
+    from .inference import Conversation
+
+    path = Path(path)
+    if not path.exists():
+        return Conversation()
+    conversation = Conversation.load(path)
+    if not conversation.is_about(volume):
+        print(f"note: {shown_path(path)} holds a conversation about another CT; this question starts a new "
+              "conversation about this CT, saved in its place", file=sys.stderr)
+        return Conversation()
+    return conversation
+
+
+DEFAULT_CHAT_FOLDER = "r1seg-output/chat"
+CHAT_SHARES_ASK_OPTIONS = ("model", "device", "dtype", "overlap", "loops", "window_batch", "answer_mode", "seed", "profile",
+                           "no_sliding_window", "global_step")
+CHAT_HELP = """Type a question and press Enter. Commands:
+  /history   the conversation so far
+  /new       start a new conversation about this CT (the files written so far stay)
+  /quit      end (also Ctrl-D); Ctrl-C stops the answer being computed, or drops the line being typed"""
+
+
+def command_chat(args) -> int:
+    """An interactive session: the model loads once; each answer is printed and its segments written as it comes."""
+    from .inference import Conversation
+    from .volume import read_volume
+
+    quiet_libraries()
+    folder = Path(args.out)
+    folder.mkdir(parents=True, exist_ok=True)
+    volume = read_volume(args.ct)
+    conversation_file = folder / "conversation.json"
+    conversation = open_conversation(conversation_file, volume)
+    predictor = load_predictor(args)
+    _enable_line_editing()
+    print(f"Ask about {shown_path(args.ct)}; answers go to {shown_path(folder)}/. /help lists the commands.")
+    answered = len(conversation.turns)           # numbers this session's files after a continued conversation's
+    for question in _questions():
+        if question in ("/quit", "/exit"):
+            break
+        if question == "/help":
+            print(CHAT_HELP)
+        elif question == "/history":
+            _print_history(conversation)
+        elif question == "/new":
+            conversation = Conversation()
+            print("new conversation")
+        elif question.startswith("/"):
+            print(f"unknown command {question}; /help lists the commands")
+        elif _chat_turn(predictor, volume, question, conversation, args, folder / f"{answered + 1:02d}"):
+            answered += 1
+            conversation.save(conversation_file)
+    return 0
+
+
+def _questions():
+    """Lines typed at the prompt until end of input; blank lines are skipped, and Ctrl-C at the prompt drops the
+    line being typed, as in Python's own prompt."""
+    while True:
+        try:
+            line = input("> ").strip()
+        except EOFError:
+            print()
+            return
+        except KeyboardInterrupt:
+            print()
+            continue
+        if line:
+            yield line
+
+
+def _chat_turn(predictor, volume, question, conversation, args, stem: Path) -> bool:
+    """One answer: printed, and written as STEM-<targets>.seg.nrrd and STEM.json; False when a bad question or a
+    cancel ended the turn without one (the session goes on)."""
+    try:
+        result = predictor.ask(volume, question, conversation=conversation, progress=progress_bar(), **ask_options(args))
+    except KeyboardInterrupt:
+        print("cancelled; ask another question or /quit", file=sys.stderr)
+        return False
+    except InvalidInputError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return False
+    summary = result.to_dict()
+    print_answer(summary)
+    names = "-".join(t.name.replace(" ", "_") for t in result.targets[:3])
+    written = []
+    if result.targets:
+        segments = stem.with_name(f"{stem.name}-{names}.seg.nrrd")
+        result.write(segments, volume, segment_colors(result))
+        written.append(segments)
+    result.write_json(stem.with_suffix(".json"))
+    written.append(stem.with_suffix(".json"))
+    print("wrote " + ", ".join(shown_path(path) for path in written))
+    return True
+
+
+def _print_history(conversation) -> None:
+    if not conversation.turns:
+        print("(no questions yet)")
+    for number, turn in enumerate(conversation.turns, start=1):
+        print(f"{number}. {turn.question}\n   {getattr(turn, 'shown', '') or turn.answer}")
+
+
+def _enable_line_editing() -> None:
+    """Arrow keys recall earlier questions where Python has readline (not on every platform)."""
+    try:
+        import readline  # noqa: F401  (importing it is what enables line editing for input())
+    except ImportError:
+        pass
+
+
+def check_outputs(args) -> None:
+    """Before any work: a missing output folder or an unknown suffix would otherwise fail after the whole answer."""
+    from .volume import _labelmap_suffix
+
     if args.output:
-        print(f"wrote {args.output}" + ("" if summary["present"] else " (no target found: its segments are empty)"))
-    if args.json:
-        print(f"wrote {args.json}")
-    if args.timings:
-        print(json.dumps(summary["timings_s"], indent=2))
-
-
-def _colors(result) -> dict[int, tuple[int, int, int]]:
-    from .vocabulary import load_vocabulary
-
-    vocabulary = load_vocabulary()
-    colors = {}
-    for value, target in enumerate(result.targets, start=1):
-        structure = vocabulary.lookup(target.name)
-        if structure is not None:
-            colors[value] = tuple(structure.color)
-    return colors
+        _labelmap_suffix(Path(args.output))
+    for path in (Path(p) for p in (args.output, args.json, getattr(args, "conversation", None)) if p):
+        if not path.parent.is_dir():
+            raise InvalidInputError(f"output folder {shown_path(path.parent)} does not exist: create it first "
+                                    f"(mkdir -p {shown_path(path.parent)})")
 
 
 def command_info(args) -> int:
@@ -207,11 +320,29 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--global-step", choices=("off", "answer", "skip"), default="answer",
                      help="one pass over the whole CT for the text answer (answer), also skipping far windows (skip)")
     ask.add_argument("--json", help="write the result (answer, volumes, timings) as JSON")
+    ask.add_argument("--conversation", metavar="FILE.json",
+                     help="keep the conversation in this file (the CT's fingerprint, the turns, and the masks beside "
+                          "it in FILE.masks.npz): a later ask with the same file follows up on this answer; a file "
+                          "about another CT is replaced by a new conversation")
     ask.add_argument("--timings", action="store_true", help="print per-step timings")
     ask.add_argument("--server", metavar="URL", help="ask a running `r1seg serve` (e.g. http://127.0.0.1:8740) "
                      "instead of loading the model here; --model, --device, --dtype and --profile are then the server's")
     ask.add_argument("--token-file", help="with --server: file holding the server's token")
     ask.set_defaults(handler=command_ask)
+
+    chat = commands.add_parser("chat", help="an interactive conversation about one CT in this terminal",
+                               description="Ask questions about one CT, one after another, with one model load. Each "
+                               "answer's segments are written to --out as it comes (01-liver.seg.nrrd, 01.json, ...), "
+                               "and the conversation to --out/conversation.json, which `r1seg ask --conversation` and "
+                               "a later `r1seg chat` continue. Type /help for the commands.")
+    chat.add_argument("ct", help="CT file (.nii/.nii.gz/.nrrd/.mha) or DICOM series folder")
+    chat.add_argument("--out", default=DEFAULT_CHAT_FOLDER,
+                      help=f"folder for the answers' segments and the conversation (default {DEFAULT_CHAT_FOLDER})")
+    # The same model and answer options as `ask`: the same argparse actions, so the two never drift apart.
+    for action in ask._actions:
+        if action.dest in CHAT_SHARES_ASK_OPTIONS:
+            chat._add_action(action)
+    chat.set_defaults(handler=command_chat)
 
     info = commands.add_parser("info", help="print a model folder's card")
     info.add_argument("model")

@@ -8,7 +8,8 @@ A case: {"id": "...", "image": CT file or DICOM folder, "label": multi-label fil
          "classes": {"5": "liver"} or a JSON file of such an id -> name map, "dataset": "...",
          "questions": [{"question": "...", "targets": ["liver"]}]}
 Relative paths are relative to the list file's folder. Class names go through the vocabulary (synonyms and
-TotalSegmentator names work); a folder's masks are named by their file names.
+TotalSegmentator names work); a folder's masks are named by their file names. `classes` may name only some of the
+label's values: only the named structures are scored, and the others are left out (the report lists them).
 
 Everything that can be checked without scoring is checked for every case before the first one is scored, so a bad
 entry stops the run at once with a message naming it: missing files, unknown class names, a label grid that does
@@ -115,7 +116,8 @@ def _case(entry, index: int, defaults: dict, folder: Path, list_path: Path) -> E
     unannotated = sorted({t for q in questions for t in q.targets} - {*classes.values(), *masks})
     if unannotated:
         raise InvalidInputError(f"{where}: custom questions ask for {unannotated}, which the label does not "
-                                "annotate, so their answers cannot be scored")
+                                "annotate, so their answers cannot be scored; name their label values in 'classes' "
+                                "or drop those questions")
     dataset = str(entry.get("dataset") or defaults.get("dataset") or DEFAULT_DATASET)
     return EvalCase(case_id, dataset, image, label, classes, masks, questions)
 
@@ -136,7 +138,8 @@ def canonical_name(raw: str, where: str) -> str:
     structure = load_vocabulary().lookup(str(raw))
     if structure is None:
         raise InvalidInputError(f"{where}: class name {raw!r} is not in the vocabulary (r1seg_core/vocabulary); "
-                                "use a structure name or synonym it knows")
+                                "use a structure name or synonym it knows, or leave that value out of 'classes' "
+                                "(unnamed label values are not scored)")
     return structure.name
 
 
@@ -147,7 +150,8 @@ def _classes(classes, folder: Path, where: str) -> dict[int, str]:
     if isinstance(classes, str):
         classes = read_json_file(_existing(classes, folder, where, "classes file"), "classes file")
     if not isinstance(classes, dict) or not all(str(key).isdigit() for key in classes):
-        raise InvalidInputError(f"{where}: classes must map integer label values to names, got {classes!r}")
+        raise InvalidInputError(f"{where}: classes must map integer label values to names, e.g. "
+                                f'{{"5": "liver", "1": "spleen"}}, got {classes!r}')
     return {int(value): canonical_name(name, f"{where}: label {value}")
             for value, name in classes.items() if int(value) != 0 and str(name).lower() != "background"}
 
@@ -228,17 +232,18 @@ def _on_image_grid(labels: Volume, image: Volume, case: EvalCase, path: Path) ->
     return resampled
 
 
-def load_case(case: EvalCase) -> tuple[Volume, dict[str, np.ndarray]]:
-    """The CT and each annotated structure's mask (bool, on the CT's own grid; empty when absent)."""
+def load_case(case: EvalCase) -> tuple[Volume, dict[str, np.ndarray], dict[int, int]]:
+    """The CT, each annotated structure's mask (bool, on the CT's own grid; empty when absent), and the label
+    values that `classes` does not name, with their voxel counts: those are left out of the scores."""
     image = read_volume(case.image)
     masks: dict[str, np.ndarray] = {}
+    unnamed: dict[int, int] = {}
     if case.classes:
         labels = _on_image_grid(read_volume(case.label), image, case, case.label)
-        unnamed = sorted(set(np.unique(labels).tolist()) - set(case.classes) - {0})
-        if unnamed:
-            raise InvalidInputError(f"case {case.case_id!r}: label values {unnamed} of {case.label} have no class name")
+        values, counts = np.unique(labels, return_counts=True)
+        unnamed = {int(v): int(n) for v, n in zip(values, counts) if v != 0 and int(v) not in case.classes}
         for value, name in case.classes.items():
             masks[name] = masks.get(name, np.zeros(image.shape, dtype=bool)) | (labels == value)
     for name, path in case.masks.items():
         masks[name] = _on_image_grid(read_volume(path), image, case, path) > 0
-    return image, masks
+    return image, masks, unnamed

@@ -55,16 +55,22 @@ def _groups_of_two_and_three(rng: random.Random, present: list[str]) -> list[tup
 
 
 def build_questions(case: EvalCase, present: list[str], kinds=KINDS, max_per_kind: int | None = None,
-                    targets: tuple[str, ...] | None = None) -> list[Question]:
+                    targets: tuple[str, ...] | None = None, unnamed_foreground: bool = False) -> list[Question]:
     """Every question of the asked kinds about `case` whose present targets are `present` (vocabulary order).
 
     `targets` (e.g. what a model was trained on) limits the present and annotated-absent structures asked about;
     all of `present` still decides which body regions the scan covers, and out-of-region questions may name any
     vocabulary structure, known to the model or not.
+
+    Absent questions name only structures known to be absent. `unnamed_foreground`: the label has values its
+    `classes` do not name, which may be structures of any region, so no region is known to be outside the scan and
+    no out-of-region question is asked (annotated structures with no voxels are still known absent).
     """
     vocabulary = load_vocabulary()
     rng = random.Random(zlib.crc32(case.case_id.encode()))   # str hash() differs between processes
     inside, outside = absent_targets(present, case.annotated, [s.name for s in vocabulary.structures])
+    if unnamed_foreground:
+        outside = []
     if targets is not None:
         present = [name for name in present if name in targets]
         inside = [name for name in inside if name in targets]

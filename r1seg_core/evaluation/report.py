@@ -6,7 +6,10 @@ Which rows go where:
     means and standard deviations over those rows; HD95 over its finite values, with the rows where the model
     found nothing ("missed", HD95 inf) counted beside it;
   * presence: rows of the absent-target kinds; a non-empty prediction is a false positive (FP), an empty one a
-    true negative (TN); specificity SPE = TN / (TN + FP);
+    true negative (TN); specificity SPE = TN / (TN + FP), by vision alone over the targets the model was trained
+    on, and over all rows with the "not trained" rule (the model declines such targets without looking);
+  * a target's status (the answer's decision: present, absent, not_trained, or not_named when the answer never
+    named it) is counted apart: "not trained" is never a miss nor a true negative of the vision;
   * cost: one value per question (a multi-target question's rows share it): wall seconds and peak memory.
 """
 from __future__ import annotations
@@ -25,7 +28,10 @@ import numpy as np
 from .metrics import SCORES
 from .questions import ABSENT_KINDS
 
-FIELDS = ("id", "dataset", "target", "kind", "tag", "question", "answer", "predicted_targets", *SCORES,
+# The statuses of a target in `AnswerResult.to_dict()` that the tables tell apart, and the row's own "not named".
+PRESENT, NOT_TRAINED, NOT_NAMED = "present", "not_trained", "not_named"
+
+FIELDS = ("id", "dataset", "target", "kind", "tag", "question", "answer", "predicted_targets", "status", *SCORES,
           "present_gt", "present_pred", "gt_voxels", "pred_voxels", "seconds", "peak_memory_mb", "mask")
 _FLOATS = (*SCORES, "seconds", "peak_memory_mb")
 _INTEGERS = ("gt_voxels", "pred_voxels")
@@ -59,6 +65,8 @@ def _parsed(row: dict) -> dict:
         parsed[key] = int(row[key])
     for key in _BOOLEANS:
         parsed[key] = row[key] == "True"
+    # Rows written before statuses were recorded: the mask was the decision.
+    parsed["status"] = row.get("status") or ("present" if parsed["present_pred"] else "absent")
     return parsed
 
 
@@ -101,15 +109,20 @@ def segmentation_summary(rows: list[dict]) -> dict:
         summary[score] = mean_std(row[score] for row in rows)[:2]
     hd95 = [row["hd95_mm"] for row in rows]
     summary["hd95_median"] = float(np.median([v for v in hd95 if math.isfinite(v)])) if any(map(math.isfinite, hd95)) else math.nan
-    summary["missed"] = sum(not row["present_pred"] for row in rows)
+    summary["not_trained"] = sum(row["status"] == NOT_TRAINED for row in rows)
+    summary["missed"] = sum(not row["present_pred"] for row in rows) - summary["not_trained"]
     return summary
 
 
 def presence_summary(rows: list[dict]) -> dict:
-    false_positives = sum(row["present_pred"] for row in rows)
-    true_negatives = len(rows) - false_positives
-    return {"n": len(rows), "fp": false_positives, "tn": true_negatives,
-            "specificity": true_negatives / len(rows) if rows else math.nan}
+    """FP, TN and SPE by vision alone (targets the model was trained on), and SPE with the not-trained rule."""
+    not_trained = sum(row["status"] == NOT_TRAINED for row in rows)
+    trained = [row for row in rows if row["status"] != NOT_TRAINED]
+    false_positives = sum(row["present_pred"] for row in trained)
+    true_negatives = len(trained) - false_positives
+    return {"n": len(rows), "not_trained": not_trained, "fp": false_positives, "tn": true_negatives,
+            "specificity_vision": true_negatives / len(trained) if trained else math.nan,
+            "specificity": (true_negatives + not_trained) / len(rows) if rows else math.nan}
 
 
 def question_rows(rows: list[dict]) -> list[dict]:
@@ -155,13 +168,14 @@ def markdown_table(header: list[str], lines: list[list]) -> str:
     return "\n".join(text) + "\n"
 
 
-SEGMENTATION_HEADER = ["", "N", "F1 / Dice (%)", "Pre (%)", "SE (%)", "IoU (%)", "HD95 (mm)", "HD95 median", "missed"]
+SEGMENTATION_HEADER = ["", "N", "F1 / Dice (%)", "Pre (%)", "SE (%)", "IoU (%)", "HD95 (mm)", "HD95 median", "missed",
+                       "not trained"]
 
 
 def _segmentation_line(name: str, rows: list[dict]) -> list:
     s = segmentation_summary(rows)
     return [name, s["n"], _percent(s["dice"]), _percent(s["precision"]), _percent(s["sensitivity"]),
-            _percent(s["iou"]), _mm(s["hd95_mm"]), _number(s["hd95_median"], 1), s["missed"]]
+            _percent(s["iou"]), _mm(s["hd95_mm"]), _number(s["hd95_median"], 1), s["missed"], s["not_trained"]]
 
 
 def segmentation_table(rows: list[dict], key: str | None) -> str:
@@ -176,8 +190,10 @@ def presence_table(rows: list[dict]) -> str:
     lines = []
     for name, group in {"Total": absent, **grouped(absent, "dataset"), **grouped(absent, "kind")}.items():
         s = presence_summary(group)
-        lines.append([name, s["n"], s["fp"], s["tn"], _number(100 * s["specificity"])])
-    return markdown_table(["", "N", "FP", "TN", "SPE (%)"], lines)
+        lines.append([name, s["n"], s["not_trained"], s["fp"], s["tn"], _number(100 * s["specificity_vision"]),
+                      _number(100 * s["specificity"])])
+    return markdown_table(["", "N", "not trained", "FP", "TN", "SPE by vision, trained targets (%)",
+                           "SPE with the not-trained rule (%)"], lines)
 
 
 def cost_table(rows: list[dict]) -> str:
@@ -196,7 +212,10 @@ DEFINITIONS = """\
   are empty, inf when only one is.
 - Segmentation tables: rows whose target is in the ground truth; mean ± standard deviation; HD95 over finite
   values, "missed" counts the rows with an empty prediction (HD95 inf).
-- Presence (Table 3): absent-target questions; a non-empty prediction is a false positive; SPE = TN/(TN+FP).
+- Presence (Table 3): absent-target questions; a non-empty prediction is a false positive; SPE = TN/(TN+FP)
+  by vision alone over the targets the model was trained on ("not trained" rows left out), and over every row
+  with the not-trained rule (the model declines a target it was not trained on: counted as a true negative).
+- "not trained" (the answer's status not_trained) is counted apart everywhere: it is not a "missed" segment.
   "in region": the label annotates the target and the scan covers its body region; "out of region": the scan
   does not reach the target's body region.
 - Cost: wall seconds per question (model call only) and peak memory (GPU: torch's peak allocation during the
@@ -228,9 +247,25 @@ def _images(plots: list[Path]) -> str:
     return "".join(f"![{path.stem}]({path.name})\n\n" for path in plots)
 
 
-def write_report(out: Path, rows: list[dict], identity: dict, machines: list[dict], plots: list[Path]) -> Path:
+def left_out_text(left_out: dict[str, dict]) -> str:
+    """What the scores do not cover, case by case: unnamed label values and the questions not asked because of them."""
+    lines = []
+    for case_id, record in left_out.items():
+        values = record.get("unnamed_label_values") or {}
+        if values:
+            listed = ", ".join(f"{value} ({voxels} voxels)" for value, voxels in values.items())
+            lines.append(f"- case `{case_id}`: label values {listed} have no name in `classes`: not scored")
+        for kind in record.get("skipped_kinds") or ():
+            lines.append(f"- case `{case_id}`: no {kind} questions: with unnamed label values, no body region is "
+                         "known to lie outside the scan (name every value in `classes` to ask them)")
+    return "\n".join(lines) + "\n" if lines else "Nothing: every label value is named in `classes`.\n"
+
+
+def write_report(out: Path, rows: list[dict], identity: dict, machines: list[dict], plots: list[Path],
+                 left_out: dict[str, dict] | None = None) -> Path:
     sections = [
         "# Evaluation report\n", _header(identity, machines),
+        "\n## Left out\n\n", left_out_text(left_out or {}),
         "\n## Segmentation (Tables 1, 2, 4): overall and per dataset\n\n", segmentation_table(rows, "dataset"),
         "\n## Per question kind\n\n", segmentation_table(rows, "kind"),
         "\n## Per target\n\n", segmentation_table(rows, "target"),
@@ -265,7 +300,9 @@ def _overall_comparison(runs) -> str:
     presence = [presence_summary(presence_rows(rows)) for _, _, rows in runs]
     costs = [cost_summary(rows) for _, _, rows in runs]
     extra = markdown_table(["", *(name for name, _, _ in runs)], [
-        ["FP", *(p["fp"] for p in presence)], ["SPE (%)", *(_number(100 * p["specificity"]) for p in presence)],
+        ["FP", *(p["fp"] for p in presence)], ["not trained", *(p["not_trained"] for p in presence)],
+        ["SPE by vision (%)", *(_number(100 * p["specificity_vision"]) for p in presence)],
+        ["SPE with the not-trained rule (%)", *(_number(100 * p["specificity"]) for p in presence)],
         ["mean s / question", *(_number(c["mean_s"]) for c in costs)],
         ["peak memory (MB)", *(_number(c["peak_mb"], 0) for c in costs)]])
     return markdown_table(header, [line]) + "\n" + extra

@@ -1,7 +1,7 @@
 """`r1seg evaluate`: score a model on a data list, resumably and in shards, then write the report.
 
     REPORT_DIR/run.json                     what is being evaluated (model, config hash, data list hash, settings)
-    REPORT_DIR/rows/shard-I-of-N.jsonl      one line per scored case: its rows and the machine that scored them
+    REPORT_DIR/rows/shard-I-of-N.jsonl      one line per scored case: its rows, what it left out, the machine
     REPORT_DIR/masks/<id>__<target>__<tag>.nii.gz   with --save-masks, each prediction on the CT's grid
     REPORT_DIR/cases.csv, report.md, *.png  written once every case is scored (by the last shard, or --merge)
 
@@ -29,7 +29,7 @@ from ..volume import Volume, write_labelmap
 from .cases import DataList, EvalCase, load_case, read_data_list
 from .metrics import score_masks
 from .questions import KINDS, Question, build_questions
-from .report import read_rows, write_comparison, write_report, write_rows
+from .report import NOT_NAMED, PRESENT, read_rows, write_comparison, write_report, write_rows
 
 RUN_FILE = "run.json"
 ROWS_DIR = "rows"
@@ -88,8 +88,8 @@ def evaluate(settings: EvaluationSettings, progress: bool = True) -> Path | None
     todo = [case for case in data.cases[index::count] if case.case_id not in done]
     machine = _machine(predictor)
     for scored, case in enumerate(_progress(todo, len(data.cases[index::count]), progress), start=1):
-        rows = score_case(predictor, case, settings, out)
-        _append_line(rows_file, {"id": case.case_id, "rows": rows, "machine": machine,
+        rows, left_out = score_case(predictor, case, settings, out)
+        _append_line(rows_file, {"id": case.case_id, "rows": rows, "left_out": left_out, "machine": machine,
                                  "scored_at": datetime.now(timezone.utc).isoformat(timespec="seconds")})
         if settings.max_cases is not None and scored >= settings.max_cases:
             break
@@ -107,10 +107,15 @@ def _progress(cases: list[EvalCase], total: int, enabled: bool):
 
 # ---- one case -------------------------------------------------------------------------------------------------
 
-def score_case(predictor, case: EvalCase, settings: EvaluationSettings, out: Path) -> list[dict]:
-    image, truth = load_case(case)
+def score_case(predictor, case: EvalCase, settings: EvaluationSettings, out: Path) -> tuple[list[dict], dict]:
+    """The case's rows, and what it left out: label values its `classes` do not name (value -> voxels), and then
+    the out-of-region absent questions (nothing is known to lie outside the scan)."""
+    image, truth, unnamed = load_case(case)
     present = [name for name in case.annotated if truth[name].any()]
-    questions = build_questions(case, present, settings.kinds, settings.max_questions_per_kind, settings.targets)
+    questions = build_questions(case, present, settings.kinds, settings.max_questions_per_kind, settings.targets,
+                                unnamed_foreground=bool(unnamed))
+    skipped = ["absent_out_of_region"] if unnamed and "absent_out_of_region" in settings.kinds else []
+    left_out = {"unnamed_label_values": {str(v): n for v, n in unnamed.items()}, "skipped_kinds": skipped}
     rows = []
     try:
         for question in questions:
@@ -124,7 +129,7 @@ def score_case(predictor, case: EvalCase, settings: EvaluationSettings, out: Pat
                 rows.append(row)
     finally:
         predictor.clear_cache()         # the next case is another CT: free this one's windows
-    return rows
+    return rows, left_out
 
 
 def _timed_answer(predictor, image: Volume, question: str, settings: EvaluationSettings):
@@ -161,10 +166,22 @@ def predicted_mask(result, target: str, shape, single: bool) -> np.ndarray:
     return np.zeros(shape, dtype=bool)
 
 
+def predicted_status(result, target: str, single: bool) -> str:
+    """The decision behind `predicted_mask`: the named target's status (present, absent, not_trained), "present"
+    when a one-target question was answered with another structure, else "not_named" (the answer never named it)."""
+    named = [t.status for t in result.targets if t.name == target]
+    if named:
+        return named[0]
+    if single and any(t.present for t in result.targets):
+        return PRESENT
+    return NOT_NAMED
+
+
 def _row(case, question: Question, target, result, prediction, reference, image, seconds, peak_mb) -> dict:
     return {"id": case.case_id, "dataset": case.dataset, "target": target, "kind": question.kind,
             "tag": question.tag, "question": question.text, "answer": result.answer,
             "predicted_targets": ";".join(t.name for t in result.targets if t.present),
+            "status": predicted_status(result, target, single=len(question.targets) == 1),
             **score_masks(prediction, reference, image.spacing),
             "present_gt": bool(reference.any()), "present_pred": bool(prediction.any()),
             "gt_voxels": int(np.count_nonzero(reference)), "pred_voxels": int(np.count_nonzero(prediction)),
@@ -278,7 +295,8 @@ def merge(out) -> Path:
     write_rows(out / CASES_CSV, rows)
     # The report is made from cases.csv as written, as --compare reads it.
     rows = read_rows(out / CASES_CSV)
-    write_report(out, rows, identity, machines, plot_run(out, rows))
+    left_out = {case_id: scored[case_id].get("left_out") or {} for case_id in identity["cases"]}
+    write_report(out, rows, identity, machines, plot_run(out, rows), left_out)
     return out
 
 

@@ -75,13 +75,18 @@ def cache_folder() -> Path:
     return Path(os.environ.get("R1SEG_CACHE") or Path.home() / ".cache" / "r1seg3d")
 
 
+def dequantised_folder(spec: dict) -> Path | None:
+    """Where a packaged GGUF file's dequantised model (config.json and weights) is kept, keyed by its SHA-256."""
+    return cache_folder() / "base-models" / spec["sha256"] if spec.get("sha256") else None
+
+
 def dequantised_gguf(spec: dict, folder: Path, arguments: dict, dtype):
     """The causal LM of a packaged GGUF file. Dequantising takes about 20 s on a laptop CPU, so the result is kept
     as a safetensors folder keyed by the file's SHA-256 and read from there (about 1 s) next time. A cache that
     cannot be written or read is skipped: the GGUF file stays the source of truth."""
     from transformers import AutoModelForCausalLM
 
-    cached = cache_folder() / "base-models" / spec["sha256"] if spec.get("sha256") else None
+    cached = dequantised_folder(spec)
     if cached is not None and (cached / "config.json").is_file():
         try:
             return AutoModelForCausalLM.from_pretrained(cached, local_files_only=True, dtype=dtype)

@@ -333,13 +333,13 @@ def create_app(settings: ServeSettings, token: str | None = None, max_upload_byt
 
     @app.get("/jobs/{job_id}/labelmap")
     async def labelmap(job_id: str, format: str = "seg.nrrd"):
-        from ..cli import _colors
+        from ..answer_output import segment_colors
 
         if format not in protocol.LABELMAP_FORMATS:
             raise RequestError(400, protocol.ERROR_BAD_REQUEST, f"format must be one of {sorted(protocol.LABELMAP_FORMATS)}")
         job = done_job(job_id)
         labels, names = job.result.labelmap()
-        data = await run_in_threadpool(_labelmap_bytes, labels, job.volume, names, _colors(job.result),
+        data = await run_in_threadpool(_labelmap_bytes, labels, job.volume, names, segment_colors(job.result),
                                        protocol.LABELMAP_FORMATS[format])
         return Response(data, media_type=protocol.NRRD_TYPE)
 

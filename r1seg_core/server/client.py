@@ -180,7 +180,7 @@ def labelmap_format(path: Path) -> str:
 def ask_command(args, progress=None) -> int:
     """`r1seg ask --server URL`: the CT is read and checked here, the model runs on the server (output folders are
     checked by the caller, cli.command_ask)."""
-    from ..cli import print_answer, print_outputs
+    from ..answer_output import print_answer, print_outputs
     from ..volume import read_volume
     from .nrrd import volume_to_nrrd_bytes
 
