@@ -48,7 +48,7 @@ def observe(predictor, data_list: Path, structures: list[str], slab_count: int) 
     """One row per (CT or slab, structure): the volume the decoder marked and whether the label holds it."""
     rows = []
     for case in read_data_list(data_list).cases:
-        volume, masks = load_case(case)
+        volume, masks, _ = load_case(case)      # label values without a class name are not used
         voxel_ml = float(np.prod(volume.spacing)) / 1000.0
         for part, image, labels in slabs(volume, masks, slab_count):
             for name in structures:
