@@ -259,6 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
     register(commands)
     from .server.command import add_parser as add_serve_parser
     add_serve_parser(commands)
+    from .registry.command import register as register_models
+    register_models(commands)
     return parser
 
 
@@ -266,6 +268,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if getattr(args, "model", None) and not getattr(args, "server", None):   # a folder or a registry name
+            from .registry import resolve_model
+            args.model = str(resolve_model(args.model))
         return args.handler(args)
     except R1SegError as error:
         print(f"error: {error}", file=sys.stderr)
