@@ -261,6 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_parser(commands)
     from .registry.command import register as register_models
     register_models(commands)
+    from .batch import register as register_batch
+    register_batch(commands)
     return parser
 
 
