@@ -34,6 +34,8 @@ def _progress_bar():
 
 def command_ask(args) -> int:
     check_output_folders(args)
+    from .dicom_seg import prepare_dicom_seg
+    series = prepare_dicom_seg(args)   # None unless -o x.dcm; its refusals come before any work
     if args.server:
         from .server.client import ask_command
 
@@ -56,7 +58,10 @@ def command_ask(args) -> int:
                            sliding_window=not args.no_sliding_window, seed=args.seed, progress=_progress_bar())
     summary = result.to_dict()
     print_answer(summary)
-    if args.output:
+    if series is not None:
+        from .dicom_seg import report_dicom_seg
+        args.output = report_dicom_seg(result, volume, series, args.output, predictor)   # None: no file written
+    elif args.output:
         # Also when nothing was found: empty, named segments, so a script can tell "absent" from a lost file.
         result.write(args.output, volume, _colors(result))
     if args.json:
