@@ -21,7 +21,6 @@ from .errors import InvalidInputError, R1SegError
 RESULTS_NAME = "results.csv"
 COLUMNS = ("case", "ct", "question_id", "question", "target", "status", "volume_ml", "voxel_count", "seconds",
            "output", "answer", "error")
-CT_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
 FORMATS = ("seg.nrrd", "nii.gz", "nrrd")
 ERROR = "error"
 
@@ -35,6 +34,8 @@ class Case:
 def find_cases(source: Path) -> list[Case]:
     """A folder: its CT files and its sub-folders (each a DICOM series). A text file: one CT path or DICOM folder
     per line, relative to the file's folder; blank lines and lines starting with # are skipped."""
+    from .volume import _VOLUME_SUFFIXES as CT_SUFFIXES, _volume_name
+
     if source.is_dir():
         paths = sorted(p for p in source.iterdir()
                        if (p.is_file() and p.name.lower().endswith(CT_SUFFIXES)) or (p.is_dir() and not p.name.startswith(".")))
@@ -47,20 +48,12 @@ def find_cases(source: Path) -> list[Case]:
         raise InvalidInputError(f"--input {source}: no CT found (CT files {', '.join(CT_SUFFIXES)} or DICOM folders)")
     cases, seen = [], {}
     for path in paths:
-        case_id = _case_id(path)
+        case_id = _volume_name(path)   # the file name without its image suffix
         if case_id in seen:
             raise InvalidInputError(f"--input: {seen[case_id]} and {path} would both be case {case_id!r}; rename one")
         seen[case_id] = path
         cases.append(Case(case_id, path))
     return cases
-
-
-def _case_id(path: Path) -> str:
-    name = path.name
-    for suffix in CT_SUFFIXES:
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return name
 
 
 def read_questions(questions: list[str] | None, questions_file: str | None) -> list[str]:
