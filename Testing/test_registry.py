@@ -300,3 +300,11 @@ def test_each_failure_is_one_clear_message(hub, monkeypatch, capsys, failure, ex
         hub.declared_size["model.safetensors"] = shutil.disk_usage("/").total * 4
     assert r1seg(["models", "get", name]) == 1
     assert expected in error_line(capsys)
+
+
+@pytest.mark.parametrize("argv", [["ask", "ct.nii.gz", "q"], ["evaluate"], ["serve"], ["batch", "--input", "x", "--out", "y"],
+                                  ["info"]])
+def test_every_command_taking_a_model_resolves_names_the_same_way(hub, capsys, argv):
+    model = ["r1seg3d-phi3"] if argv == ["info"] else ["--model", "r1seg3d-phi3"]
+    assert r1seg([*argv, *model]) == 2
+    assert "r1seg models get r1seg3d-phi3" in error_line(capsys)
