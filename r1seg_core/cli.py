@@ -19,6 +19,8 @@ EXIT_CODES = ((InvalidInputError, 2), (CheckpointError, 3), (OutOfMemoryError, 4
 
 def command_ask(args) -> int:
     check_outputs(args)
+    from .dicom_seg import prepare_dicom_seg
+    series = prepare_dicom_seg(args)   # None unless -o x.dcm; its refusals come before any work
     if args.server:
         if args.conversation:
             raise InvalidInputError("--conversation keeps the conversation in a file for a model loaded here; "
@@ -38,7 +40,10 @@ def command_ask(args) -> int:
                            **ask_options(args))
     summary = result.to_dict()
     print_answer(summary)
-    if args.output:
+    if series is not None:
+        from .dicom_seg import report_dicom_seg
+        args.output = report_dicom_seg(result, volume, series, args.output, predictor)   # None: no file written
+    elif args.output:
         # Also when nothing was found: empty, named segments, so a script can tell "absent" from a lost file.
         result.write(args.output, volume, segment_colors(result))
     if args.json:
@@ -206,9 +211,10 @@ def _enable_line_editing() -> None:
 
 def check_outputs(args) -> None:
     """Before any work: a missing output folder or an unknown suffix would otherwise fail after the whole answer."""
+    from .dicom_seg import is_dicom_seg
     from .volume import _labelmap_suffix
 
-    if args.output:
+    if args.output and not is_dicom_seg(args.output):
         _labelmap_suffix(Path(args.output))
     for path in (Path(p) for p in (args.output, args.json, getattr(args, "conversation", None)) if p):
         if not path.parent.is_dir():
@@ -390,6 +396,10 @@ def build_parser() -> argparse.ArgumentParser:
     register(commands)
     from .server.command import add_parser as add_serve_parser
     add_serve_parser(commands)
+    from .registry.command import register as register_models
+    register_models(commands)
+    from .batch import register as register_batch
+    register_batch(commands)
     return parser
 
 
@@ -397,6 +407,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if getattr(args, "model", None) and not getattr(args, "server", None):   # a folder or a registry name
+            from .registry import resolve_model
+            args.model = str(resolve_model(args.model))
         return args.handler(args)
     except R1SegError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -119,11 +119,22 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
     return DTYPES[dtype]
 
 
+def _mps_available() -> bool:
+    backend = getattr(torch.backends, "mps", None)
+    return bool(backend is not None and backend.is_available())
+
+
 def resolve_device(device: str | torch.device) -> torch.device:
+    """`auto`: a CUDA GPU, else Apple silicon's GPU (MPS), else the CPU. On MPS the weights stay float32 unless
+    --dtype says otherwise, and operations MPS lacks run on the CPU only when PYTORCH_ENABLE_MPS_FALLBACK=1 is set
+    before torch is imported (README, "Devices"). MPS could not be tested where this was written (no Mac)."""
     if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device("cuda" if torch.cuda.is_available() else "mps" if _mps_available() else "cpu")
     if str(device).startswith("cuda") and not torch.cuda.is_available():
         raise InvalidInputError("device 'cuda' was asked for, but no CUDA GPU is available; use --device cpu or auto")
+    if str(device).startswith("mps") and not _mps_available():
+        raise InvalidInputError("device 'mps' was asked for, but this PyTorch has no usable Apple-silicon GPU (MPS needs "
+                                "macOS 12.3 or later on Apple silicon); use --device cpu or auto")
     return torch.device(device)
 
 
