@@ -285,6 +285,14 @@ def test_throughput_eta_and_peak_memory_are_logged(trained):
     assert [e.step for e in events.Scalars("stage1/val_dice")] == [VALIDATE_EVERY, STEPS]
 
 
+def test_stage_3_pulls_seg_prompts_towards_stage_1s_prompts(trained):
+    run, _ = trained
+    aligned = [float(row["loss_align"]) for row in metrics(run, 3) if float(row["loss_dice"]) > 0]
+    assert aligned and all(value > 0 for value in aligned)
+    assert not any(float(row["loss_align"]) for row in metrics(run, 2))        # off in stage 2
+    assert not any(float(row["loss_align"]) for row in metrics(run, 4))        # and in tiny's stage 4
+
+
 def test_calibration_picks_the_presence_volume_with_fewest_errors():
     from training.calibrate import best_threshold
 

@@ -9,9 +9,10 @@ the data list, cut into `--slabs` axial slabs (so organs that lie outside a slab
 scanned body, and each slab's encoding serves all its questions), records the volume the decoder marked, and
 writes into the model's config.json:
 - `known_structures`: the recipe's stage-1 targets, the only structures the model was trained to segment;
-- `presence_min_ml`: one volume for all structures, the one that misclassifies the fewest (structure, slab) pairs
-  (the midpoint, in log volume, of the gap it falls in; the lowest of equally good ones). One number for every
-  organ: with three training patients, per-organ volumes would fit noise.
+- `presence_min_ml`: per structure, the volume that misclassifies the fewest of its slabs (the midpoint, in log
+  volume, of the gap it falls in; the lowest of equally good ones). Per structure, because organs differ by two
+  orders of magnitude (a slab's aorta holds 20 mL, its liver 700 mL); a structure never seen absent gets the
+  lowest volume that keeps all its present slabs.
 The observations are kept in calibration.json beside config.json, for the model card.
 """
 from __future__ import annotations
@@ -90,10 +91,16 @@ def calibrate(recipe_dir: Path, model_dir: Path, data_list: Path, slab_count: in
     config.update(known_structures=structures, presence_min_ml=None)
     config_path.write_text(json.dumps(config, indent=1))
     rows = observe(Predictor(model_dir), data_list, structures, slab_count)
-    threshold, errors = best_threshold(rows)
-    config["presence_min_ml"] = round(threshold, 2)
+    thresholds, errors = {}, 0
+    for name in structures:
+        mine = [row for row in rows if row["structure"] == name]
+        if mine:
+            threshold, wrong = best_threshold(mine)
+            thresholds[name] = round(threshold, 2)
+            errors += wrong
+    config["presence_min_ml"] = thresholds
     config_path.write_text(json.dumps(config, indent=1))
-    record = {"data_list": str(data_list), "slabs": slab_count, "presence_min_ml": config["presence_min_ml"],
+    record = {"data_list": str(data_list), "slabs": slab_count, "presence_min_ml": thresholds,
               "misclassified": errors, "observations": rows}
     (model_dir / "calibration.json").write_text(json.dumps(record, indent=1))
     return record
@@ -108,8 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--slabs", type=int, default=3, help="axial slabs per CT (1: the whole CT)")
     args = parser.parse_args(argv)
     record = calibrate(args.recipe, args.model, args.data_list or args.recipe / "calibration.json", args.slabs)
-    print(f"[calibrate] presence_min_ml {record['presence_min_ml']} mL, {record['misclassified']} of "
-          f"{len(record['observations'])} (structure, CT) pairs misclassified; written to {args.model / CONFIG_NAME}")
+    print(f"[calibrate] presence_min_ml {record['presence_min_ml']} (mL), {record['misclassified']} of "
+          f"{len(record['observations'])} (structure, slab) pairs misclassified; written to {args.model / CONFIG_NAME}")
     return 0
 
 

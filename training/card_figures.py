@@ -4,6 +4,8 @@
 
 - curve.csv and curve.png: held-out validation Dice (the stages' `validation_every_steps`) against training
   minutes since the run began, from each stage's metrics.csv;
+- held_out_<report>.json: what the card quotes from an `r1seg evaluate` report (Dice per kind and target, the
+  implicit questions' organs, absent-target counts with "not trained" apart);
 - sample_ct.json: "Segment the liver." on the bundled sample CT (a training patient) against its TotalSegmentator
   liver: volumes, Dice, the volume marked below the label's lowest slice (the pelvis side), and the seconds taken.
 """
@@ -87,12 +89,44 @@ def sample_ct_liver(model: Path) -> dict:
             "answer": result.answer}
 
 
+def held_out_summary(report: Path) -> dict:
+    """The figures the card quotes, from an `r1seg evaluate` report folder's rows: Dice per question kind and
+    target, which organ each implicit question found, and the absent-target counts, "not trained" apart."""
+    from r1seg_core.evaluation.run import scored_cases
+
+    rows = [row for case in scored_cases(report).values() for row in case["rows"]]
+    dice: dict[str, dict[str, float]] = {}
+    for row in rows:
+        if row["kind"] in ("explicit", "implicit", "multi", "custom") and row["present_gt"]:
+            dice.setdefault(row["kind"], {})[row["target"]] = round(row["dice"], 3)
+    implicit = [row for row in rows if row["kind"] == "implicit" and row["present_gt"]]
+    absent = {}
+    for kind in ("absent_in_region", "absent_out_of_region"):
+        mine = [row for row in rows if row["kind"] == kind]
+        absent[kind] = {"questions": len(mine), "structures": [row["target"] for row in mine],
+                        "absent_by_vision": sum(row["status"] == "absent" for row in mine),
+                        "not_trained": sum(row["status"] == "not_trained" for row in mine),
+                        "found": [row["target"] for row in mine if row["status"] == "present"]}
+    return {"dice": dice,
+            "implicit_right_organ": f"{sum(row['predicted_targets'] == row['target'] for row in implicit)} of "
+                                    f"{len(implicit)}",
+            "absent": absent,
+            "median_seconds": round(float(np.median([row["seconds"] for row in rows])), 2)}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", required=True, type=Path, help="the run folder given to run_stages.sh")
     parser.add_argument("--model", type=Path, help="a model folder to ask about the sample CT")
+    parser.add_argument("--report", type=Path, action="append", default=[],
+                        help="an `r1seg evaluate` report folder to summarise (repeatable)")
     parser.add_argument("--out", required=True, type=Path)
     args = parser.parse_args(argv)
+    for report in args.report:
+        summary = held_out_summary(report)
+        (args.out / f"held_out_{report.name}.json").parent.mkdir(parents=True, exist_ok=True)
+        (args.out / f"held_out_{report.name}.json").write_text(json.dumps(summary, indent=1))
+        print(f"[card] {report.name}: {json.dumps(summary)}")
     args.out.mkdir(parents=True, exist_ok=True)
     points = validation_curve(args.run)
     write_curve(points, args.out)

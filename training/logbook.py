@@ -18,8 +18,8 @@ import sys
 from datetime import timedelta
 from pathlib import Path
 
-COLUMNS = ("step", "epoch", "samples", "loss", "loss_lm", "loss_dice", "loss_bce", "val_dice", "lr", "grad_norm",
-           "seconds", "samples_per_s", "eta_s", "peak_memory_gib")
+COLUMNS = ("step", "epoch", "samples", "loss", "loss_lm", "loss_dice", "loss_bce", "loss_align", "val_dice", "lr",
+           "grad_norm", "seconds", "samples_per_s", "eta_s", "peak_memory_gib")
 SCALARS = COLUMNS[3:]           # the TensorBoard curves, over the step
 
 
@@ -66,7 +66,8 @@ class Logbook:
         if self.bar.disable and (step % self.log_every == 0 or step == self.total_steps or validated):
             validation = f" val_dice {values['val_dice']:.4f}" if validated else ""
             print(f"[stage {self.stage}] step {step}/{self.total_steps} loss {values['loss']:.4f} "
-                  f"(lm {values['loss_lm']:.4f} dice {values['loss_dice']:.4f} bce {values['loss_bce']:.4f})"
+                  f"(lm {values['loss_lm']:.4f} dice {values['loss_dice']:.4f} bce {values['loss_bce']:.4f} "
+                  f"align {values['loss_align']:.4f})"
                   f"{validation} lr {values['lr']:.2e} {values['seconds']:.2f} s/step "
                   f"{values['samples_per_s']:.2f} samples/s ETA {timedelta(seconds=round(values['eta_s']))} "
                   f"peak {values['peak_memory_gib']:.2f} GiB", flush=True)

@@ -115,6 +115,9 @@ class StageConfig:
     # The module groups this stage trains (r1seg_core.model.stages.TRAINABLE_GROUPS); None: the stage's default set.
     trainable: list[str] | None = None
     autocast_bf16: bool = False          # bf16 autocast around the forward (CPUs with bf16 instructions); weights stay fp32
+    # Stages 3-4: weight of a loss that pulls each [SEG] prompt towards stage 1's text prompt for the same structure
+    # (squared distance), so the segment projector learns what the decoder was trained on. 0: off (the paper).
+    seg_prompt_alignment: float = 0.0
     threads: int | None = None           # CPU threads per rank (default: the cores split between the ranks)
     # Dice on `validation_windows` fixed held-out (case, structure) windows every this many optimizer steps and at
     # the end (0: never; stages with a mask decoder only). The windows come from `validation_sources`: prepared
@@ -220,6 +223,8 @@ def _stage(path: Path, stage: int) -> StageConfig:
     if stage == 1 and crops.whole_volume_ratio > 0 and not crops.whole_volume_masks:
         raise InvalidInputError(f"{path}: stage 1 trains masks only, so its whole-volume crops need "
                                 "crops.whole_volume_masks: true (or whole_volume_ratio: 0)")
+    if config.seg_prompt_alignment and stage < 3:
+        raise InvalidInputError(f"{path}: seg_prompt_alignment needs [SEG] prompts: stages 3 and 4 only")
     if not config.sources:
         raise InvalidInputError(f"{path}: 'sources' names no prepared dataset")
     if config.validation_every_steps and not (config.validation_sources and config.validation_windows > 0):

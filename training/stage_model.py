@@ -119,3 +119,23 @@ def frozen_fingerprint(model: torch.nn.Module) -> list[float]:
                 total += float(rounded.sum())
                 absolute += float(rounded.abs().sum())
     return [total, absolute]
+
+
+class Stage1Prompts:
+    """Each structure's decoder prompt as stage 1 trained it (its frozen text encoder and trained text projection),
+    computed once per name: the target of the [SEG] alignment loss."""
+
+    def __init__(self, stage1_folder: Path):
+        self.model = R1Seg3D.from_pretrained(stage1_folder)
+        if self.model.text_encoder is None:
+            raise CheckpointError(f"{stage1_folder} is not a stage-1 (SAM-mode) model: it has no text encoder")
+        self.model.eval()
+        self.known: dict[str, torch.Tensor] = {}
+
+    def __call__(self, names: list[str]) -> torch.Tensor:
+        """(len(names), C) prompts."""
+        new = sorted(set(names) - set(self.known))
+        if new:
+            with torch.no_grad():
+                self.known.update(zip(new, self.model.text_prompts(new, torch.device("cpu"))))
+        return torch.stack([self.known[name] for name in names])

@@ -31,11 +31,11 @@ from .export import check_fingerprint, export_stage
 from .logbook import Logbook
 from .recipe import Recipe, StageConfig, load_recipe
 from .run_layout import StagePaths
-from .stage_model import (STAGE_NAMES, build_stage_model, enable_gradient_checkpointing, frozen_fingerprint,
-                          set_training_mode)
+from .stage_model import (STAGE_NAMES, Stage1Prompts, build_stage_model, enable_gradient_checkpointing,
+                          frozen_fingerprint, set_training_mode)
 from .validation import VALIDATED_STAGES, Validator, check_held_out, validation_samples
 
-LOSS_KEYS = ("loss", "loss_lm", "loss_dice", "loss_bce")
+LOSS_KEYS = ("loss", "loss_lm", "loss_dice", "loss_bce", "loss_align")
 
 
 def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -77,13 +77,23 @@ def deepspeed_config(recipe: Recipe, config: StageConfig) -> dict:
             "gradient_accumulation_steps": config.gradient_accumulation}
 
 
-def stage_losses(model, batch: dict, stage: int) -> tuple[dict[str, torch.Tensor], int]:
-    """The stage's losses for one micro-batch, and how many masks the decoder produced."""
+def stage_losses(model, batch: dict, stage: int, anchors: Stage1Prompts | None = None,
+                 alignment: float = 0.0) -> tuple[dict[str, torch.Tensor], int]:
+    """The stage's losses for one micro-batch, and how many masks the decoder produced.
+
+    With `anchors` (stage 1's prompt per structure), `alignment` weighs the squared distance of each [SEG] prompt
+    from its target's anchor, averaged over the prompts."""
     if stage == 1:
         _, losses = model.segment_with_text(batch["images"], batch["names"], batch["masks"], rows=batch["rows"])
-        return {**losses, "loss_lm": losses["loss"].new_zeros(())}, len(batch["names"])
+        zero = losses["loss"].new_zeros(())
+        return {**losses, "loss_lm": zero, "loss_align": zero}, len(batch["names"])
     out = model(batch["images"], batch["input_ids"], batch["attention_mask"], batch["labels"], batch["target_masks"])
-    losses = {"loss": out.loss, "loss_lm": out.loss_lm, "loss_dice": out.loss_dice, "loss_bce": out.loss_bce}
+    loss_align = out.loss.new_zeros(())
+    if anchors and out.prompt_rows:
+        wanted = anchors([batch["target_names"][b][k] for b, k in out.prompt_rows])
+        loss_align = (out.seg_prompt.float() - wanted.to(out.seg_prompt.device)).pow(2).sum(-1).mean()
+    losses = {"loss": out.loss + alignment * loss_align, "loss_lm": out.loss_lm, "loss_dice": out.loss_dice,
+              "loss_bce": out.loss_bce, "loss_align": loss_align}
     return losses, len(out.prompt_rows)
 
 
@@ -167,6 +177,7 @@ class StageRun:
     per_epoch: int
     samples_per_step: int
     validation: list[dict]            # the fixed validation windows (none: the stage is not validated)
+    anchors: Stage1Prompts | None = None   # stage 1's prompt per structure, for seg_prompt_alignment
 
 
 def set_up(stage: int, recipe: Recipe, paths: StagePaths, data_dir: Path, ranks: Ranks) -> StageRun:
@@ -208,8 +219,9 @@ def set_up(stage: int, recipe: Recipe, paths: StagePaths, data_dir: Path, ranks:
         paths.fingerprint.write_text(json.dumps(fingerprint))
         paths.plan.write_text(json.dumps(plan))
     set_training_mode(engine.module)
+    anchors = Stage1Prompts(StagePaths(paths.output, 1).export) if config.seg_prompt_alignment else None
     return StageRun(engine, scheduler, StageSamples(config, sources, model.window_size), steps, start, per_epoch,
-                    samples_per_step, validation)
+                    samples_per_step, validation, anchors)
 
 
 def validation_set(config: StageConfig, data_dir: Path, training_sources, window, ranks: Ranks) -> list[dict]:
@@ -249,7 +261,7 @@ def train(run: StageRun, config: StageConfig, paths: StagePaths, ranks: Ranks) -
         for _ in range(config.gradient_accumulation):
             batch = to_device(next(batches), ranks.device, dtype)
             with torch.autocast(ranks.device.type, dtype=torch.bfloat16, enabled=config.autocast_bf16):
-                losses, masks = stage_losses(module, batch, stage)
+                losses, masks = stage_losses(module, batch, stage, run.anchors, config.seg_prompt_alignment)
             if stage >= 3:
                 require_same_on_all_ranks(int(masks > 0), ranks.device, "whether the mask decoder runs")
             run.engine.backward(losses["loss"])

@@ -99,7 +99,8 @@ class StageSamples(torch.utils.data.Dataset):
             return self._finish(source, crop, targets, targets, rng, {"names": targets})
         make = existence_qa if self.config.stage == 2 else segmentation_qa
         qa = make(text_rng, positive, crop.present, self._negatives(crop, text_rng), self.config.questions)
-        return self._finish(source, crop, qa.targets, qa.about, rng, {"question": qa.question, "answer": qa.answer})
+        return self._finish(source, crop, qa.targets, qa.about, rng,
+                            {"question": qa.question, "answer": qa.answer, "targets": qa.targets})
 
     def _negatives(self, crop: Crop, text_rng: random.Random) -> list[str]:
         """The names a negative question may ask about: trained targets the crop lacks with probability
@@ -199,7 +200,7 @@ class Collate:
             for i, sample in enumerate(samples):
                 targets[i, :len(sample["masks"])] = sample["masks"]
         return {"images": images, "input_ids": tokens.input_ids, "attention_mask": tokens.attention_mask,
-                "labels": tokens.labels, "target_masks": targets}
+                "labels": tokens.labels, "target_masks": targets, "target_names": [s["targets"] for s in samples]}
 
 
 class StepBatches(torch.utils.data.Sampler):
