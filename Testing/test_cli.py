@@ -78,7 +78,9 @@ def test_the_server_never_imports_the_command_line_and_printing_an_answer_import
 
 def test_bad_input_is_refused_before_the_model_loads(tmp_path, capsys):
     ct = str(sample_ct_path())
-    missing_model = str(tmp_path / "no-model")           # loading it would fail with exit code 3, not 2
+    missing_model = tmp_path / "no-model"                 # a folder without weights: loading it would exit 3, not 2
+    missing_model.mkdir()
+    missing_model = str(missing_model)
     assert r1seg(["ask", ct, "segment the liver", "-o", str(tmp_path / "liver.png"), "--model", missing_model]) == 2
     assert "unsupported label map format" in capsys.readouterr().err
     assert r1seg(["ask", ct, "   ", "--model", missing_model]) == 2
