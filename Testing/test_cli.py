@@ -32,7 +32,12 @@ needs_conversation_files = pytest.mark.skipif(not hasattr(Conversation, "save"),
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    return small_model().save_pretrained(tmp_path_factory.mktemp("model") / "small")
+    """The small model, its card marked untrained: every load then prints the placeholder note once."""
+    folder = small_model().save_pretrained(tmp_path_factory.mktemp("model") / "small")
+    config = json.loads((folder / "config.json").read_text())
+    config["card"]["untrained"] = True
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
 
 
 @pytest.fixture(scope="module")
