@@ -32,7 +32,12 @@ needs_conversation_files = pytest.mark.skipif(not hasattr(Conversation, "save"),
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    return small_model().save_pretrained(tmp_path_factory.mktemp("model") / "small")
+    """The small model, its card marked untrained: every load then prints the placeholder note once."""
+    folder = small_model().save_pretrained(tmp_path_factory.mktemp("model") / "small")
+    config = json.loads((folder / "config.json").read_text())
+    config["card"]["untrained"] = True
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
 
 
 @pytest.fixture(scope="module")
@@ -104,8 +109,26 @@ def test_ask_prints_one_progress_bar_no_warnings_and_paths_as_typed(model_dir, s
     assert "Warning" not in child.stderr, child.stderr
     bars = {match.group(1) for match in re.finditer(r"(\w[\w ]*?):\s+\d+%\|", child.stderr)}
     assert bars == {"windows"}, child.stderr
+    # The bar is drawn only after its first interval, so it never shows a rate over a zero-second start.
     rates = [float(rate) for rate in re.findall(r"([\d.]+)window/s", child.stderr)]
-    assert rates and max(rates) < 1000, f"an impossible rate: {rates}"
+    assert all(rate < 1000 for rate in rates), f"an impossible rate: {rates}"
+
+
+def test_the_progress_bar_never_shows_a_rate_over_a_zero_second_start():
+    import io
+
+    from r1seg_core.answer_output import progress_bar
+
+    stream = io.StringIO()
+    update = progress_bar(stream)
+    update(4, 44, "windows")                 # the first report comes after the first batch, at once
+    update(8, 44, "windows")
+    time.sleep(0.6)
+    update(12, 44, "windows")
+    update(44, 44, "windows")
+    shown = stream.getvalue()
+    rates = [float(rate) for rate in re.findall(r"([\d.]+)window/s", shown)]
+    assert "12/44" in shown and rates and all(rate < 1000 for rate in rates), shown
 
 
 # ---- r1seg ask --conversation -------------------------------------------------------------------------------------
