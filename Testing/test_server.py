@@ -187,7 +187,8 @@ def test_progress_streams_as_server_sent_events(server, ct):
     url = client.url.removeprefix("http://")
     connection = http.client.HTTPConnection(*url.split(":"), timeout=30)
     try:
-        connection.request("GET", f"/jobs/{job['job_id']}/events", headers={"Authorization": f"Bearer {client.token}"})
+        connection.request("GET", f"/jobs/{job['job_id']}/events", headers={"Authorization": f"Bearer {client.token}",
+                                                                          protocol.CLIENT_HEADER: client.client_id})
         reply = connection.getresponse()
         assert reply.getheader("content-type").startswith("text/event-stream")
         events = [json.loads(line[len(b"data: "):]) for line in reply.read().splitlines() if line.startswith(b"data: ")]
@@ -204,7 +205,7 @@ def test_progress_streams_as_server_sent_events(server, ct):
 
 def test_cancel_during_the_windows_returns_quickly_and_the_next_question_works(server, ct):
     client = server.client
-    job = client.submit(client.upload(volume_to_nrrd_bytes(ct)), QUESTION, overlap=0.85, window_batch=1)
+    job = client.submit(client.upload(volume_to_nrrd_bytes(ct)), QUESTION, overlap=0.75, window_batch=1)
     deadline = time.monotonic() + 60
     while (status := client.status(job["job_id"]))["stage"] != "windows" or status["done"] < 2:
         assert status["state"] not in protocol.TERMINAL_STATES and time.monotonic() < deadline, status
@@ -387,7 +388,7 @@ def test_oversized_bodies_get_413(server):
     (b'{"volume_id": "00", "question": "x"}', {}, 422, "volume_id"),
     (json.dumps({"volume_id": "0" * 64, "question": "x", "overlap": "lots"}).encode(), {}, 422, "overlap"),
     (json.dumps({"volume_id": "0" * 64, "question": "x", "evil": 1}).encode(), {}, 422, "evil"),
-    (json.dumps({"volume_id": "0" * 64, "question": "x", "loops": 9}).encode(), {}, 400, "refinement loops"),
+    (json.dumps({"volume_id": "0" * 64, "question": "x", "loops": 9}).encode(), {}, 400, "loops must be between 0 and 3"),
     (json.dumps({"volume_id": "0" * 64, "question": "x"}).encode(), {}, 404, "upload it first"),
     (b"{}", {"Content-Type": "text/plain"}, 415, "Content-Type must be application/json"),
     (b"{}", {"Host": "evil.example:80"}, 403, "loopback"),
@@ -534,14 +535,14 @@ def test_panel_questions_are_not_starved_by_a_main_thread_holding_the_gil(slicer
     from R1Seg3DSlicerLib import engine, worker
 
     headless, nodes = ct_nodes
-    # Enough windows (overlap 0.8) that the question takes seconds, as real ones do.
-    options = engine.AskOptions(model_dir=str(model_dir), device="cpu", overlap=0.8)
+    # Enough windows (overlap 0.75) that the question takes seconds, as real ones do.
+    options = engine.AskOptions(model_dir=str(model_dir), device="cpu", overlap=0.75)
     volume = engine.R1SegSession().volume_from_node(nodes["sample"])
     direct_times = []
     for _ in range(2):
         direct.clear_cache()
         started = time.monotonic()
-        direct.ask(volume, QUESTION, overlap=0.8)
+        direct.ask(volume, QUESTION, overlap=0.75)
         direct_times.append(time.monotonic() - started)
     direct_s = min(direct_times)
 
@@ -555,7 +556,7 @@ def test_panel_questions_are_not_starved_by_a_main_thread_holding_the_gil(slicer
         events = drive(logic, started + 30, hold_the_gil)
         served_s = time.monotonic() - started
         assert isinstance(events[-1], worker.FinishedEvent), events[-1]
-        assert events[-1].result.answer == direct.ask(volume, QUESTION, overlap=0.8).answer
+        assert events[-1].result.answer == direct.ask(volume, QUESTION, overlap=0.75).answer
         print(f"direct {direct_s:.2f} s, through the panel's logic {served_s:.2f} s")
         assert served_s <= STARVATION_FACTOR * direct_s, f"{served_s:.2f} s through the panel, {direct_s:.2f} s directly"
     finally:
