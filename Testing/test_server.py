@@ -23,7 +23,7 @@ from test_inference import small_model  # noqa: E402
 from r1seg_core.cli import main as r1seg  # noqa: E402
 from r1seg_core.inference import Conversation, Predictor  # noqa: E402
 from r1seg_core.server import protocol  # noqa: E402
-from r1seg_core.server.client import Client, ServerBusy, ServerError  # noqa: E402
+from r1seg_core.server.client import Client, ServerBusy, ServerError, ServerUnreachable  # noqa: E402
 from r1seg_core.server.nrrd import mask_from_nrrd_bytes, volume_to_nrrd_bytes  # noqa: E402
 from r1seg_core import sample_ct_path  # noqa: E402
 from r1seg_core.volume import read_volume  # noqa: E402
@@ -54,15 +54,26 @@ def slow_llm_model_dir(tmp_path_factory):
     return folder
 
 
+# A server starts in seconds; on a machine shared with training (load 10 on 2 cores) its imports alone took minutes.
+START_TIMEOUT_S = 300
+
+
+def model_state(client) -> str:
+    try:
+        return client.health()["model"]
+    except ServerUnreachable:    # a loading server on a starved machine may not answer within the client's timeout
+        return "unknown"
+
+
 def start_server(model_dir, *extra, wait_for_model=True):
     server = LocalServer(str(model_dir), device="cpu", threads=1, environment=SERVER_ENV)
     server._arguments += list(extra)
     server.start()
     try:
-        client = server.wait_ready(90)
-        deadline = time.monotonic() + 90
-        while wait_for_model and client.health()["model"] != "ready":
-            assert time.monotonic() < deadline, "the model did not load in 90 s"
+        client = server.wait_ready(START_TIMEOUT_S)
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while wait_for_model and model_state(client) != "ready":
+            assert time.monotonic() < deadline, f"the model did not load in {START_TIMEOUT_S} s"
             time.sleep(0.05)
     except BaseException:
         server.stop()

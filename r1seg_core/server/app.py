@@ -94,15 +94,14 @@ def _error(status: int, kind: str, detail: str, **extra) -> JSONResponse:
     return JSONResponse({"error": kind, "detail": detail, **extra}, status_code=status, headers=headers)
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
+async def _read_body(request: Request, limit: int) -> bytearray:
     """The body, counted while it arrives: a missing or lying Content-Length cannot get past the limit."""
-    chunks, size = [], 0
+    body = bytearray()    # grown in place: a list of chunks and their join would hold the body twice
     async for chunk in request.stream():   # a client that hangs up raises ClientDisconnect: one log line
-        size += len(chunk)
-        if size > limit:
+        if len(body) + len(chunk) > limit:
             raise RequestError(413, protocol.ERROR_TOO_LARGE, f"the body is larger than the server's limit of {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
+        body += chunk
+    return body
 
 
 def _require_type(request: Request, expected: str) -> None:
@@ -287,10 +286,17 @@ def create_app(settings: ServeSettings, token: str | None = None, max_upload_byt
                 volumes.popitem(last=False)
         return {"volume_id": key, "shape": list(volume.shape)}
 
-    @app.get("/volumes/{volume_id}")
-    async def has_volume(volume_id: str):
+    def stored_volume(volume_id: str):
+        """The stored CT, now the most recently used (a CT in use is not evicted by others' uploads), or None."""
         with store_lock:
             volume = volumes.get(volume_id)
+            if volume is not None:
+                volumes.move_to_end(volume_id)
+        return volume
+
+    @app.get("/volumes/{volume_id}")
+    async def has_volume(volume_id: str):
+        volume = stored_volume(volume_id)
         if volume is None:
             raise RequestError(404, protocol.ERROR_NOT_FOUND, f"the server does not hold CT {volume_id}: upload it")
         return {"volume_id": volume_id, "shape": list(volume.shape)}
@@ -337,8 +343,8 @@ def create_app(settings: ServeSettings, token: str | None = None, max_upload_byt
             AskOptions(**options).validate()
         except InvalidInputError as error:
             raise RequestError(400, protocol.ERROR_INVALID_INPUT, str(error)) from None
+        volume = stored_volume(body.volume_id)
         with store_lock:
-            volume = volumes.get(body.volume_id)
             conversation = conversations.get(body.conversation_id) if body.conversation_id else None
         if volume is None:
             raise RequestError(404, protocol.ERROR_NOT_FOUND, f"the server does not hold CT {body.volume_id}: upload it first")

@@ -38,6 +38,8 @@ class GuardedH11Protocol(H11Protocol):
         super().connection_made(transport)
         self._received = 0
         self._idle_since = time.monotonic()            # waiting for a request's headers since
+        self._received_when_idle = 0                   # bytes received by then
+        self._answered = False
         self._body_mark = (time.monotonic(), 0)        # (when, bytes received) at the body's last progress
         self._watch = self.loop.call_later(self.request_timeout / _CHECKS_PER_TIMEOUT, self._check)
 
@@ -46,7 +48,7 @@ class GuardedH11Protocol(H11Protocol):
         super().data_received(data)
 
     def on_response_complete(self) -> None:
-        self._idle_since = time.monotonic()
+        self._idle_since, self._received_when_idle, self._answered = time.monotonic(), self._received, True
         super().on_response_complete()
 
     def connection_lost(self, exc) -> None:
@@ -60,7 +62,9 @@ class GuardedH11Protocol(H11Protocol):
         state = self.conn.their_state
         answering = self.cycle is not None and not self.cycle.response_complete
         if state is h11.IDLE and not answering and now - self._idle_since >= self.request_timeout:
-            self._close(408, f"no complete request headers within {self.request_timeout:g} s")
+            # An idle keep-alive connection just closes (as uvicorn's own timer does); a request cut short is told.
+            partial = self._received > self._received_when_idle or not self._answered
+            self._close(408 if partial else None, f"no complete request headers within {self.request_timeout:g} s")
             return
         if state is h11.SEND_BODY:
             when, mark = self._body_mark
@@ -74,7 +78,10 @@ class GuardedH11Protocol(H11Protocol):
             self._body_mark = (now, self._received)
         self._watch = self.loop.call_later(self.request_timeout / _CHECKS_PER_TIMEOUT, self._check)
 
-    def _close(self, status: int, detail: str) -> None:
+    def _close(self, status: int | None, detail: str) -> None:
+        if status is None:
+            self.transport.close()
+            return
         log.info("closed a connection from %s: %s", self.client[0] if self.client else "?", detail)
         if self.cycle is None or not self.cycle.response_started:
             self.transport.write(_json_reply(status, protocol.ERROR_TIMEOUT, detail))
