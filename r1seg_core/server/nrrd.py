@@ -19,7 +19,7 @@ from ..errors import InvalidInputError
 from ..volume import Volume, check_physical_size, read_volume
 from .protocol import NrrdHeader, check_nrrd
 
-# Inflated in steps of this many bytes, so a bomb is stopped after at most one step beyond its declared size.
+# Inflated in steps of at most this many bytes (bounded memory for a large CT).
 _INFLATE_STEP = 16 << 20
 _COMPRESSED_PIECE = 1 << 20
 
@@ -70,7 +70,9 @@ def _write_raw_nrrd(data: bytes, header: NrrdHeader, path: Path) -> None:
             for start in range(0, len(payload), _COMPRESSED_PIECE):
                 pending = payload[start:start + _COMPRESSED_PIECE]
                 while pending and not inflater.eof:
-                    written += _write_inflated(stream, inflater.decompress(pending, _INFLATE_STEP), expected - written)
+                    # At most one byte more than the declared size is ever inflated.
+                    step = min(_INFLATE_STEP, expected - written + 1)
+                    written += _write_inflated(stream, inflater.decompress(pending, step), expected - written)
                     pending = inflater.unconsumed_tail
                 if inflater.eof:
                     break
