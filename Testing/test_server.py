@@ -23,7 +23,7 @@ from test_inference import small_model  # noqa: E402
 from r1seg_core.cli import main as r1seg  # noqa: E402
 from r1seg_core.inference import Conversation, Predictor  # noqa: E402
 from r1seg_core.server import protocol  # noqa: E402
-from r1seg_core.server.client import Client, ServerBusy, ServerError  # noqa: E402
+from r1seg_core.server.client import Client, ServerBusy, ServerError, ServerUnreachable  # noqa: E402
 from r1seg_core.server.nrrd import mask_from_nrrd_bytes, volume_to_nrrd_bytes  # noqa: E402
 from r1seg_core import sample_ct_path  # noqa: E402
 from r1seg_core.volume import read_volume  # noqa: E402
@@ -54,15 +54,26 @@ def slow_llm_model_dir(tmp_path_factory):
     return folder
 
 
+# A server starts in seconds; on a machine shared with training (load 10 on 2 cores) its imports alone took minutes.
+START_TIMEOUT_S = 300
+
+
+def model_state(client) -> str:
+    try:
+        return client.health()["model"]
+    except ServerUnreachable:    # a loading server on a starved machine may not answer within the client's timeout
+        return "unknown"
+
+
 def start_server(model_dir, *extra, wait_for_model=True):
     server = LocalServer(str(model_dir), device="cpu", threads=1, environment=SERVER_ENV)
     server._arguments += list(extra)
     server.start()
     try:
-        client = server.wait_ready(90)
-        deadline = time.monotonic() + 90
-        while wait_for_model and client.health()["model"] != "ready":
-            assert time.monotonic() < deadline, "the model did not load in 90 s"
+        client = server.wait_ready(START_TIMEOUT_S)
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while wait_for_model and model_state(client) != "ready":
+            assert time.monotonic() < deadline, f"the model did not load in {START_TIMEOUT_S} s"
             time.sleep(0.05)
     except BaseException:
         server.stop()
@@ -187,7 +198,8 @@ def test_progress_streams_as_server_sent_events(server, ct):
     url = client.url.removeprefix("http://")
     connection = http.client.HTTPConnection(*url.split(":"), timeout=30)
     try:
-        connection.request("GET", f"/jobs/{job['job_id']}/events", headers={"Authorization": f"Bearer {client.token}"})
+        connection.request("GET", f"/jobs/{job['job_id']}/events", headers={"Authorization": f"Bearer {client.token}",
+                                                                          protocol.CLIENT_HEADER: client.client_id})
         reply = connection.getresponse()
         assert reply.getheader("content-type").startswith("text/event-stream")
         events = [json.loads(line[len(b"data: "):]) for line in reply.read().splitlines() if line.startswith(b"data: ")]
@@ -204,7 +216,7 @@ def test_progress_streams_as_server_sent_events(server, ct):
 
 def test_cancel_during_the_windows_returns_quickly_and_the_next_question_works(server, ct):
     client = server.client
-    job = client.submit(client.upload(volume_to_nrrd_bytes(ct)), QUESTION, overlap=0.85, window_batch=1)
+    job = client.submit(client.upload(volume_to_nrrd_bytes(ct)), QUESTION, overlap=0.75, window_batch=1)
     deadline = time.monotonic() + 60
     while (status := client.status(job["job_id"]))["stage"] != "windows" or status["done"] < 2:
         assert status["state"] not in protocol.TERMINAL_STATES and time.monotonic() < deadline, status
@@ -387,7 +399,7 @@ def test_oversized_bodies_get_413(server):
     (b'{"volume_id": "00", "question": "x"}', {}, 422, "volume_id"),
     (json.dumps({"volume_id": "0" * 64, "question": "x", "overlap": "lots"}).encode(), {}, 422, "overlap"),
     (json.dumps({"volume_id": "0" * 64, "question": "x", "evil": 1}).encode(), {}, 422, "evil"),
-    (json.dumps({"volume_id": "0" * 64, "question": "x", "loops": 9}).encode(), {}, 400, "refinement loops"),
+    (json.dumps({"volume_id": "0" * 64, "question": "x", "loops": 9}).encode(), {}, 400, "loops must be between 0 and 3"),
     (json.dumps({"volume_id": "0" * 64, "question": "x"}).encode(), {}, 404, "upload it first"),
     (b"{}", {"Content-Type": "text/plain"}, 415, "Content-Type must be application/json"),
     (b"{}", {"Host": "evil.example:80"}, 403, "loopback"),
@@ -534,14 +546,14 @@ def test_panel_questions_are_not_starved_by_a_main_thread_holding_the_gil(slicer
     from R1Seg3DSlicerLib import engine, worker
 
     headless, nodes = ct_nodes
-    # Enough windows (overlap 0.8) that the question takes seconds, as real ones do.
-    options = engine.AskOptions(model_dir=str(model_dir), device="cpu", overlap=0.8)
+    # Enough windows (overlap 0.75) that the question takes seconds, as real ones do.
+    options = engine.AskOptions(model_dir=str(model_dir), device="cpu", overlap=0.75)
     volume = engine.R1SegSession().volume_from_node(nodes["sample"])
     direct_times = []
     for _ in range(2):
         direct.clear_cache()
         started = time.monotonic()
-        direct.ask(volume, QUESTION, overlap=0.8)
+        direct.ask(volume, QUESTION, overlap=0.75)
         direct_times.append(time.monotonic() - started)
     direct_s = min(direct_times)
 
@@ -555,7 +567,7 @@ def test_panel_questions_are_not_starved_by_a_main_thread_holding_the_gil(slicer
         events = drive(logic, started + 30, hold_the_gil)
         served_s = time.monotonic() - started
         assert isinstance(events[-1], worker.FinishedEvent), events[-1]
-        assert events[-1].result.answer == direct.ask(volume, QUESTION, overlap=0.8).answer
+        assert events[-1].result.answer == direct.ask(volume, QUESTION, overlap=0.75).answer
         print(f"direct {direct_s:.2f} s, through the panel's logic {served_s:.2f} s")
         assert served_s <= STARVATION_FACTOR * direct_s, f"{served_s:.2f} s through the panel, {direct_s:.2f} s directly"
     finally:

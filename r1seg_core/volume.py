@@ -34,6 +34,12 @@ _NIFTI_DESCRIPTION_LENGTH = 79
 # NIfTI stores the direction as float32, so a matrix read back is orthonormal only to ~1e-6.
 _ORTHONORMAL_TOLERANCE = 1e-3
 
+# A human body is under 2 m long and a CT scanner's field of view under 80 cm across: a CT that spans more was
+# written with a wrong spacing, and resampling it onto the model's grid would ask for gigabytes (a 512^3 CT read
+# at 10 mm spacing: a 23.9 GB grid).
+MAX_CT_LENGTH_MM = 2000.0
+MAX_CT_WIDTH_MM = 800.0
+
 # A CT in Hounsfield units spans at least fat (-100) to soft tissue (+40); data whose whole
 # range is narrower than this has been normalised (to [0, 1], [-1, 1], z-scores...).
 _MIN_HU_RANGE = 50.0
@@ -253,7 +259,8 @@ def validate_ct(volume: Volume, *, min_spacing: float = 0.1, max_spacing: float 
     """Raise InvalidInputError unless `volume` is a usable 3D CT in Hounsfield units.
 
     Rejected: an axis with a single voxel (a 2D slice; a 3-slice CT is fine), NaN or infinite
-    voxels, constant intensity, a spacing outside [min_spacing, max_spacing] mm, a direction
+    voxels, constant intensity, a spacing outside [min_spacing, max_spacing] mm, an extent beyond
+    a human body's (`check_physical_size`), a direction
     matrix that is not orthonormal, and intensities that cannot be HU. The HU rule is lenient
     on purpose (padding of -3024, float data clipped at -1000 and crops all pass); it rejects only
       * a maximum below 0 HU (no tissue at all),
@@ -263,6 +270,7 @@ def validate_ct(volume: Volume, *, min_spacing: float = 0.1, max_spacing: float 
     label = _display_name(volume)
     _check_extent(volume.shape, label)
     _check_spacing(volume.spacing, min_spacing, max_spacing, label)
+    check_physical_size(volume.shape, volume.spacing, label)
     _check_orthonormal(volume.direction, label)
     _check_hounsfield(volume.array, label)
 
@@ -272,6 +280,21 @@ def _check_extent(shape_zyx, label: str) -> None:
         raise InvalidInputError(
             f"{label}: shape (z, y, x) = {shape_zyx} has an axis of a single voxel; this is a 2D image, "
             "not a CT volume (for DICOM, give the folder of the series)"
+        )
+
+
+def check_physical_size(shape_zyx, spacing_xyz, label: str) -> None:
+    """Refuse a CT longer than MAX_CT_LENGTH_MM along its longest axis or wider than MAX_CT_WIDTH_MM along the
+    others, before anything is resampled (the server checks an upload's header with this too)."""
+    sizes_xyz = tuple(int(n) for n in shape_zyx[::-1])
+    extents = [n * float(s) for n, s in zip(sizes_xyz, spacing_xyz)]
+    longest, middle = sorted(extents, reverse=True)[:2]
+    if longest > MAX_CT_LENGTH_MM or middle > MAX_CT_WIDTH_MM:
+        raise InvalidInputError(
+            f"{label}: {' x '.join(map(str, sizes_xyz))} voxels at a spacing of "
+            f"{' x '.join(f'{float(s):g}' for s in spacing_xyz)} mm span {' x '.join(f'{e:.0f}' for e in extents)} mm; "
+            f"a CT spans at most {MAX_CT_LENGTH_MM:.0f} mm along one axis and {MAX_CT_WIDTH_MM:.0f} mm along the "
+            "others, so the file's spacing is probably wrong (check its header)"
         )
 
 

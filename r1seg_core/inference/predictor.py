@@ -406,6 +406,14 @@ class Predictor:
         return owners
 
     def _run_windows(self, view, starts, ask, opts, stitchers, positives, timings, notes, progress, cancel, total):
+        home = self.device
+        try:
+            self._run_windows_on(view, starts, ask, opts, stitchers, positives, timings, notes, progress, cancel, total)
+        finally:
+            if self.device != home:
+                self._return_to(home)
+
+    def _run_windows_on(self, view, starts, ask, opts, stitchers, positives, timings, notes, progress, cancel, total):
         batch = opts.window_batch or (16 if self.device.type == "cuda" else 4)
         done = total - len(starts)
         position = 0
@@ -434,7 +442,7 @@ class Predictor:
             notes.append(f"out of {'GPU' if self.device.type == 'cuda' else 'CPU'} memory: retried with {batch // 2} windows per batch")
             return batch // 2
         if self.device.type == "cuda":
-            notes.append("out of GPU memory even with one window per batch: finished on the CPU")
+            notes.append("out of GPU memory even with one window per batch: this question's windows ran on the CPU")
             # Same dtype on the CPU: converting a paper-size model to fp32 could run out of host memory as well.
             self.device = torch.device("cpu")
             self.resample_on_device = False
@@ -446,6 +454,20 @@ class Predictor:
             self._ct_cache.views.clear()
             return 1
         raise OutOfMemoryError("out of memory on the CPU even with one window per batch; free memory or use a smaller model")
+
+    def _return_to(self, device: torch.device) -> None:
+        """After an out-of-memory fallback to the CPU: back to the GPU, so that one large CT slows only its own
+        question, not every later one. The CPU copies of this CT's windows are dropped with the cache."""
+        self._ct_cache = None
+        try:
+            self.model.to(device)
+        except (RuntimeError, MemoryError) as error:
+            if not is_out_of_memory(error):
+                raise
+            self.model.to(self.device)    # the GPU is still full: stay on the CPU rather than half-moved
+            return
+        self.device = device
+        self.resample_on_device = device.type == "cuda"
 
     def clear_cache(self) -> None:
         """Forget the last CT's resampled voxels and encoder outputs (frees their memory)."""

@@ -8,11 +8,17 @@ Security, in the order a request meets it (see README "Server"):
 - bodies are size-limited while they are read (413), JSON posts must say they are JSON and uploads
   must be NRRD, so a browser cannot send either without a refused pre-flight;
 - nothing is unpickled, a NRRD with a detached data file is refused, and every error is a JSON 4xx
-  that names the problem (a bug is a JSON 500 without a traceback; the log has it).
+  that names the problem (a bug is a JSON 500 without a traceback; the log has it);
+- what a request may cost is bounded: a CT's decoded size and extent are checked from its header before
+  anything is decoded, at most UPLOAD_SLOTS uploads are received and decoded at once, a question's options
+  are range-checked (protocol.JOB_LIMITS), and finished jobs keep neither their CT nor, once fetched or
+  expired, their masks;
+- job ids are random and belong to the client that created them (protocol.CLIENT_HEADER).
 """
 from __future__ import annotations
 
 import asyncio
+import gc
 import hmac
 import json
 import logging
@@ -29,7 +35,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect
 
+from .. import __version__
 from ..errors import InvalidInputError
 from . import protocol
 from .jobs import BusyError, JobQueue, ModelHost, ServeSettings
@@ -39,11 +47,15 @@ log = logging.getLogger("r1seg.serve")
 # Conversations are a few lines of text each; the bound only stops a client from growing the server forever.
 MAX_CONVERSATIONS = 256
 _EVENT_INTERVAL_S = 0.1
+# Uploads received and decoded at once: each holds its body and up to twice its decoded CT while it decodes.
+# Others wait for a slot (their bodies stay unread, in the kernel's buffers) up to UPLOAD_WAIT_S, then get 429.
+UPLOAD_SLOTS = 2
+UPLOAD_WAIT_S = 60.0
 
 
 class JobRequest(BaseModel):
-    """The JSON of POST /jobs; the engine checks the values' ranges (with the same messages as `r1seg ask`)."""
-    model_config = ConfigDict(extra="forbid")
+    """The JSON of POST /jobs, strictly typed (no "3" for 3); `check_job_limits` and the engine check the ranges."""
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     volume_id: str = Field(pattern=r"^[0-9a-f]{64}$")
     question: str = Field(max_length=4000)
@@ -68,20 +80,28 @@ def _problems(errors: list[dict]) -> str:
     return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in errors)
 
 
+def check_job_limits(options: dict) -> None:
+    """The server's ranges for a question's options (protocol.JOB_LIMITS), as a 400 that names the range."""
+    for name, (low, high) in protocol.JOB_LIMITS.items():
+        value = options.get(name)
+        if value is not None and not low <= value <= high:
+            raise RequestError(400, protocol.ERROR_INVALID_INPUT, f"{name} must be between {low} and {high} on this "
+                               f"server; got {value}")
+
+
 def _error(status: int, kind: str, detail: str, **extra) -> JSONResponse:
     headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
     return JSONResponse({"error": kind, "detail": detail, **extra}, status_code=status, headers=headers)
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
+async def _read_body(request: Request, limit: int) -> bytearray:
     """The body, counted while it arrives: a missing or lying Content-Length cannot get past the limit."""
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
+    body = bytearray()    # grown in place: a list of chunks and their join would hold the body twice
+    async for chunk in request.stream():   # a client that hangs up raises ClientDisconnect: one log line
+        if len(body) + len(chunk) > limit:
             raise RequestError(413, protocol.ERROR_TOO_LARGE, f"the body is larger than the server's limit of {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
+        body += chunk
+    return body
 
 
 def _require_type(request: Request, expected: str) -> None:
@@ -97,6 +117,8 @@ async def _read_json(request: Request) -> dict:
         value = json.loads(body or b"{}")
     except (ValueError, UnicodeDecodeError) as error:
         raise RequestError(400, protocol.ERROR_BAD_REQUEST, f"the body is not valid JSON ({error})") from None
+    except RecursionError:
+        raise RequestError(400, protocol.ERROR_BAD_REQUEST, "the body's JSON is nested too deeply") from None
     if not isinstance(value, dict):
         raise RequestError(400, protocol.ERROR_BAD_REQUEST, "the body must be a JSON object")
     return value
@@ -107,14 +129,25 @@ def _loopback_host_header(value: str) -> bool:
     return protocol.is_loopback(host)
 
 
+def _owner(request: Request) -> str:
+    return request.headers.get(protocol.CLIENT_HEADER, "")
+
+
+def version_mismatch(client_api: str) -> JSONResponse:
+    message = (f"client protocol {client_api}, server protocol {protocol.API_VERSION} (r1seg3d {__version__}): update "
+               "R1Seg3D on the side with the older protocol, so that the client and the server speak the same one")
+    return _error(409, protocol.ERROR_VERSION, message, message=message)
+
+
 def create_app(settings: ServeSettings, token: str | None = None, max_upload_bytes: int = protocol.DEFAULT_MAX_UPLOAD_MB << 20,
-               loopback_only: bool = True, on_ready=None) -> FastAPI:
+               loopback_only: bool = True, on_ready=None, max_ct_bytes: int = protocol.DEFAULT_MAX_CT_MB << 20) -> FastAPI:
     """The application; `on_ready(app)` runs once it serves (r1seg serve writes its --ready-file there)."""
     host = ModelHost(settings)
     queue = JobQueue(host, settings)
     volumes: OrderedDict[str, object] = OrderedDict()
     conversations: OrderedDict[str, object] = OrderedDict()
     store_lock = threading.Lock()
+    upload_slots = asyncio.Semaphore(UPLOAD_SLOTS)
 
     async def lifespan(app):
         host.start_loading()
@@ -139,6 +172,9 @@ def create_app(settings: ServeSettings, token: str | None = None, max_upload_byt
                           "must be 127.0.0.1, ::1 or localhost")
         if "origin" in request.headers:
             return _error(403, protocol.ERROR_FORBIDDEN, "requests from web pages (with an Origin header) are refused")
+        client_api = request.headers.get(protocol.API_HEADER)
+        if client_api is not None and client_api.strip() != str(protocol.API_VERSION):
+            return version_mismatch(client_api.strip()[:20])
         declared = request.headers.get("content-length")
         if declared is not None:
             if not declared.isdigit():
@@ -153,6 +189,11 @@ def create_app(settings: ServeSettings, token: str | None = None, max_upload_byt
     @app.exception_handler(RequestError)
     async def request_error(request, error: RequestError):
         return _error(error.status, error.kind, error.detail)
+
+    @app.exception_handler(ClientDisconnect)
+    async def client_left(request, error):
+        log.info("the client hung up during %s %s", request.method, request.url.path)
+        return _error(400, protocol.ERROR_BAD_REQUEST, "the client hung up before its request was complete")
 
     @app.exception_handler(RequestValidationError)
     async def invalid_parameters(request, error: RequestValidationError):
@@ -171,16 +212,16 @@ def create_app(settings: ServeSettings, token: str | None = None, max_upload_byt
         log.exception("unexpected error in %s %s", request.method, request.url.path)
         return _error(500, protocol.ERROR_INTERNAL, f"unexpected server error ({type(error).__name__}); the server log has the details")
 
-    def job_or_404(job_id: str):
-        job, position = queue.get(job_id)
+    def job_or_404(request: Request, job_id: str):
+        job, position = queue.get(job_id, _owner(request))
         if job is None:
-            raise RequestError(404, protocol.ERROR_NOT_FOUND, f"no job {job_id!r} (finished jobs are kept only "
-                               f"for the last {settings.keep_finished} questions)")
+            raise RequestError(404, protocol.ERROR_NOT_FOUND, f"no job {job_id[:80]!r} of this client (finished jobs "
+                               f"are kept only for the last {settings.keep_finished} questions)")
         return job, position
 
-    def done_job(job_id: str):
-        job, _ = job_or_404(job_id)
-        if job.state == protocol.DONE and job.result is None:
+    def done_job(request: Request, job_id: str):
+        job, _ = job_or_404(request, job_id)
+        if job.state == protocol.DONE and job.summary is None:
             raise RequestError(410, protocol.ERROR_NOT_FOUND, f"job {job_id}'s answer was released (its CT was "
                                "forgotten or the model unloaded)")
         if job.state != protocol.DONE:
@@ -188,11 +229,21 @@ def create_app(settings: ServeSettings, token: str | None = None, max_upload_byt
                                + (f": {job.error['detail']}" if job.error else ""))
         return job
 
+    def job_with_masks(request: Request, job_id: str):
+        job = done_job(request, job_id)
+        result = job.result
+        if result is None:
+            raise RequestError(410, protocol.ERROR_NOT_FOUND, f"job {job_id}'s masks were released: each is sent once "
+                               f"(the labelmap once for all), and kept at most {settings.keep_results_s:.0f} s")
+        return job, result
+
     @app.get("/health")
     async def health():
         busy, waiting = queue.counts
         return {"status": "ok", "model": host.state, "busy": busy, "queued": waiting, "max_waiting": settings.max_waiting,
-                "pid": os.getpid(), "version": "1"}
+                "pid": os.getpid(), "version": __version__, "api": protocol.API_VERSION,
+                "limits": {"upload_bytes": max_upload_bytes, "ct_bytes": max_ct_bytes, "json_bytes": protocol.MAX_JSON_BYTES,
+                           "job": protocol.JOB_LIMITS, "keep_results_s": settings.keep_results_s}}
 
     @app.get("/model")
     def model_card():
@@ -208,12 +259,26 @@ def create_app(settings: ServeSettings, token: str | None = None, max_upload_byt
     @app.post("/volumes", status_code=201)
     async def upload(request: Request):
         _require_type(request, protocol.NRRD_TYPE)
-        data = await _read_body(request, max_upload_bytes)
-        key = protocol.volume_id(data)
         try:
-            volume = await run_in_threadpool(_read_ct, data)
+            await asyncio.wait_for(upload_slots.acquire(), UPLOAD_WAIT_S)
+        except asyncio.TimeoutError:
+            raise RequestError(429, protocol.ERROR_BUSY, f"busy: {UPLOAD_SLOTS} uploads are being received and decoded; "
+                               "try again in a moment") from None
+        try:
+            data = await _read_body(request, max_upload_bytes)
+            key = protocol.volume_id(data)
+            volume = await run_in_threadpool(_read_ct, data, max_ct_bytes)
+        except protocol.TooLargeError as error:
+            raise RequestError(413, protocol.ERROR_TOO_LARGE, str(error)) from None
         except (ValueError, InvalidInputError) as error:
             raise RequestError(400, protocol.ERROR_INVALID_INPUT, str(error)) from None
+        except MemoryError:
+            # The traceback's frames hold the half-decoded image: collect them now, not at some later collection.
+            gc.collect()
+            raise RequestError(507, protocol.ERROR_OUT_OF_MEMORY, "the server has not enough memory to decode this CT "
+                               "now; try again later or send a smaller CT") from None
+        finally:
+            upload_slots.release()
         with store_lock:
             volumes[key] = volume
             volumes.move_to_end(key)
@@ -221,10 +286,17 @@ def create_app(settings: ServeSettings, token: str | None = None, max_upload_byt
                 volumes.popitem(last=False)
         return {"volume_id": key, "shape": list(volume.shape)}
 
-    @app.get("/volumes/{volume_id}")
-    async def has_volume(volume_id: str):
+    def stored_volume(volume_id: str):
+        """The stored CT, now the most recently used (a CT in use is not evicted by others' uploads), or None."""
         with store_lock:
             volume = volumes.get(volume_id)
+            if volume is not None:
+                volumes.move_to_end(volume_id)
+        return volume
+
+    @app.get("/volumes/{volume_id}")
+    async def has_volume(volume_id: str):
+        volume = stored_volume(volume_id)
         if volume is None:
             raise RequestError(404, protocol.ERROR_NOT_FOUND, f"the server does not hold CT {volume_id}: upload it")
         return {"volume_id": volume_id, "shape": list(volume.shape)}
@@ -265,13 +337,14 @@ def create_app(settings: ServeSettings, token: str | None = None, max_upload_byt
             raise RequestError(422, protocol.ERROR_BAD_REQUEST,
                                f"the question's JSON is not valid: {_problems(error.errors())}") from None
         options = body.model_dump(exclude={"volume_id", "question", "conversation_id"}, exclude_none=True)
+        check_job_limits(options)
         try:
             question = validate_question(body.question)
             AskOptions(**options).validate()
         except InvalidInputError as error:
             raise RequestError(400, protocol.ERROR_INVALID_INPUT, str(error)) from None
+        volume = stored_volume(body.volume_id)
         with store_lock:
-            volume = volumes.get(body.volume_id)
             conversation = conversations.get(body.conversation_id) if body.conversation_id else None
         if volume is None:
             raise RequestError(404, protocol.ERROR_NOT_FOUND, f"the server does not hold CT {body.volume_id}: upload it first")
@@ -279,25 +352,26 @@ def create_app(settings: ServeSettings, token: str | None = None, max_upload_byt
             raise RequestError(404, protocol.ERROR_NOT_FOUND, f"no conversation {body.conversation_id!r}: start one with POST /conversations")
         try:
             job, position = queue.submit(question=question, volume=volume, conversation=conversation, options=options,
-                                         volume_id=body.volume_id)
+                                         volume_id=body.volume_id, owner=_owner(request))
         except BusyError as error:
             _, waiting = queue.counts
             return _error(429, protocol.ERROR_BUSY, str(error), queued=waiting, max_waiting=settings.max_waiting)
         return {"job_id": job.id, "state": protocol.RUNNING if position == 0 else protocol.QUEUED, "position": position}
 
     @app.get("/jobs/{job_id}")
-    async def job_status(job_id: str):
-        job, position = job_or_404(job_id)
+    async def job_status(request: Request, job_id: str):
+        job, position = job_or_404(request, job_id)
         return job.status(position)
 
     @app.get("/jobs/{job_id}/events")
-    async def job_events(job_id: str):
-        job_or_404(job_id)
+    async def job_events(request: Request, job_id: str):
+        job_or_404(request, job_id)
+        owner = _owner(request)
 
         async def stream():
             last = None
             while True:
-                job, position = queue.get(job_id)
+                job, position = queue.get(job_id, owner)
                 if job is None:
                     return
                 status = json.dumps(job.status(position))
@@ -313,34 +387,36 @@ def create_app(settings: ServeSettings, token: str | None = None, max_upload_byt
     @app.post("/jobs/{job_id}/cancel")
     async def cancel(request: Request, job_id: str):
         await _read_json(request)
-        job_or_404(job_id)
-        job = queue.cancel(job_id)
+        job_or_404(request, job_id)
+        job = queue.cancel(job_id, _owner(request))
         return {"job_id": job_id, "state": job.state}
 
     @app.get("/jobs/{job_id}/result")
-    async def result(job_id: str):
-        job = done_job(job_id)
-        return {"job_id": job_id, "volume_id": job.volume_id, **job.result.to_dict()}
+    async def result(request: Request, job_id: str):
+        job = done_job(request, job_id)
+        return {"job_id": job_id, "volume_id": job.volume_id, **job.summary}
 
     @app.get("/jobs/{job_id}/masks/{index}")
-    async def mask(job_id: str, index: int):
-        job = done_job(job_id)
-        if not 0 <= index < len(job.result.targets):
-            raise RequestError(404, protocol.ERROR_NOT_FOUND, f"job {job_id} has {len(job.result.targets)} targets; no target {index}")
-        target = job.result.targets[index]
+    async def mask(request: Request, job_id: str, index: int):
+        job, answer = job_with_masks(request, job_id)
+        if not 0 <= index < len(answer.targets):
+            raise RequestError(404, protocol.ERROR_NOT_FOUND, f"job {job_id} has {len(answer.targets)} targets; no target {index}")
+        target = answer.targets[index]
         data = await run_in_threadpool(_labelmap_bytes, target.mask, job.volume, {1: target.name}, None, ".nrrd")
+        job.mask_fetched(index)
         return Response(data, media_type=protocol.NRRD_TYPE)
 
     @app.get("/jobs/{job_id}/labelmap")
-    async def labelmap(job_id: str, format: str = "seg.nrrd"):
+    async def labelmap(request: Request, job_id: str, format: str = "seg.nrrd"):
         from ..answer_output import segment_colors
 
         if format not in protocol.LABELMAP_FORMATS:
             raise RequestError(400, protocol.ERROR_BAD_REQUEST, f"format must be one of {sorted(protocol.LABELMAP_FORMATS)}")
-        job = done_job(job_id)
-        labels, names = job.result.labelmap()
-        data = await run_in_threadpool(_labelmap_bytes, labels, job.volume, names, segment_colors(job.result),
+        job, answer = job_with_masks(request, job_id)
+        labels, names = answer.labelmap()
+        data = await run_in_threadpool(_labelmap_bytes, labels, job.volume, names, segment_colors(answer),
                                        protocol.LABELMAP_FORMATS[format])
+        job.mask_fetched(None)
         return Response(data, media_type=protocol.NRRD_TYPE)
 
     @app.post("/unload")
@@ -354,10 +430,10 @@ def create_app(settings: ServeSettings, token: str | None = None, max_upload_byt
     return app
 
 
-def _read_ct(data: bytes):
+def _read_ct(data: bytes, max_ct_bytes: int):
     from .nrrd import volume_from_nrrd_bytes
 
-    return volume_from_nrrd_bytes(data, name="uploaded CT")
+    return volume_from_nrrd_bytes(data, name="uploaded CT", max_decoded_bytes=max_ct_bytes)
 
 
 def _labelmap_bytes(labels, reference, names, colors, suffix: str) -> bytes:

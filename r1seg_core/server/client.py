@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import sys
 import tempfile
 import time
@@ -16,12 +17,15 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
+from .. import __version__
 from ..errors import InvalidInputError, R1SegError
 from . import protocol
 
 # Short requests (status, cancel) must never hang a GUI; uploads and masks of a large CT may take a while.
 REQUEST_TIMEOUT_S = 10.0
 TRANSFER_TIMEOUT_S = 600.0
+# One value per client process, sent with every request: the server keeps this process's jobs to itself.
+PROCESS_CLIENT_ID = secrets.token_urlsafe(24)
 
 
 class ServerError(R1SegError):
@@ -50,19 +54,22 @@ def job_error(status: dict) -> R1SegError:
 
 
 class Client:
-    def __init__(self, url: str, token: str | None = None):
+    def __init__(self, url: str, token: str | None = None, client_id: str = PROCESS_CLIENT_ID):
         parts = urllib.parse.urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise InvalidInputError(f"server URL {url!r} is not an http:// or https:// address")
         self.url = url.rstrip("/")
         self.token = token
         self.loopback = protocol.is_loopback(parts.hostname)
+        self.client_id = client_id
+        self._server_info: dict | None = None
         # A proxy from the environment must never see loopback traffic or the token.
         self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({} if self.loopback else None))
 
     def request(self, method: str, path: str, body: bytes | dict | None = None, timeout: float = REQUEST_TIMEOUT_S):
         """(status, bytes) of a reply below 400; raises ServerError (with the server's own sentence) otherwise."""
-        headers = {"Accept": "application/json"}
+        headers = {"Accept": "application/json", protocol.API_HEADER: str(protocol.API_VERSION),
+                   protocol.CLIENT_HEADER: self.client_id}
         if self.token:
             headers["Authorization"] = f"Bearer {self.token}"
         if isinstance(body, dict):
@@ -98,19 +105,58 @@ class Client:
     def health(self) -> dict:
         return self.json("GET", "/health")
 
+    def server_info(self) -> dict:
+        """/health, once per client, refusing a server of another protocol version with both versions named."""
+        if self._server_info is None:
+            try:
+                info = self.health()
+            except ValueError:
+                info = {}
+            api = info.get("api") if isinstance(info, dict) else None
+            if api != protocol.API_VERSION:
+                server = f"protocol {api}" if api is not None else "no protocol version (not an R1Seg3D server, or one older than protocol 2)"
+                raise ServerError(f"the server at {self.url} speaks {server} (r1seg3d {info.get('version', '?')}); this "
+                                  f"client speaks protocol {protocol.API_VERSION} (r1seg3d {__version__}): update R1Seg3D "
+                                  "on the side with the older protocol", 409, protocol.ERROR_VERSION)
+            self._server_info = info
+        return self._server_info
+
     def model_card(self) -> dict:
         return self.json("GET", "/model")
 
     def upload(self, nrrd: bytes) -> str:
-        """The CT's id on the server, sending the bytes only when the server does not hold them yet."""
+        """The CT's id on the server, sending the bytes only when the server does not hold them yet.
+
+        The server's limits are checked here first: a server refuses an oversized body by closing the connection
+        while urllib still sends, which would otherwise look like a server that cannot be reached."""
+        limits = self.server_info().get("limits", {})
+        self._check_limits(nrrd, limits)
         key = protocol.volume_id(nrrd)
         try:
             self.request("GET", f"/volumes/{key}")
         except ServerError as error:
             if error.status != 404:
                 raise
-            self.request("POST", "/volumes", nrrd, timeout=TRANSFER_TIMEOUT_S)
+            try:
+                self.request("POST", "/volumes", nrrd, timeout=TRANSFER_TIMEOUT_S)
+            except ServerUnreachable:
+                self.health()   # still unreachable: that is the error; reachable: the server refused the body
+                raise ServerError(f"the server at {self.url} closed the connection while receiving the CT "
+                                  f"({len(nrrd) / 2 ** 20:.1f} MiB as NRRD); it is running, so it refused the upload, "
+                                  "most likely as too large (r1seg serve --max-upload-mb, --max-ct-mb)", 413,
+                                  protocol.ERROR_TOO_LARGE) from None
         return key
+
+    def _check_limits(self, nrrd: bytes, limits: dict) -> None:
+        upload = limits.get("upload_bytes")
+        if upload is not None and len(nrrd) > upload:
+            raise ServerError(f"the CT is {len(nrrd) / 2 ** 20:.1f} MiB as NRRD; the server at {self.url} accepts "
+                              f"uploads up to {upload / 2 ** 20:.0f} MiB (r1seg serve --max-upload-mb): crop the CT or "
+                              "raise the server's limit", 413, protocol.ERROR_TOO_LARGE)
+        try:
+            protocol.check_nrrd(nrrd, limits.get("ct_bytes"))
+        except protocol.TooLargeError as error:
+            raise ServerError(f"the server at {self.url} refuses this CT: {error}", 413, protocol.ERROR_TOO_LARGE) from None
 
     def new_conversation(self) -> str:
         return self.json("POST", "/conversations", {})["conversation_id"]

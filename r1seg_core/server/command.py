@@ -22,8 +22,9 @@ SHUTDOWN_GRACE_S = 10.0
 
 
 def process_exists(pid: int) -> bool:
-    """True while process `pid` runs. POSIX: signal 0 (a reaped process is gone; a zombie still counts). Windows:
-    os.kill would terminate it, so the process handle is asked instead."""
+    """True while process `pid` runs. POSIX: signal 0, and on Linux a zombie (ended, not yet reaped by its parent,
+    e.g. in a container whose init does not reap) counts as ended. Windows: os.kill would terminate it, so the
+    process handle is asked instead."""
     if os.name == "nt":
         import ctypes
 
@@ -41,8 +42,17 @@ def process_exists(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:   # it exists, as another user's process
-        return True
-    return True
+        return not _is_zombie(pid)
+    return not _is_zombie(pid)
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:       # no procfs (macOS), or the process has just been reaped
+        return False
+    # "pid (command) state ...": the command may contain spaces and parentheses, the state follows the last ")".
+    return stat.rpartition(")")[2].split()[:1] in (["Z"], ["X"])
 
 
 def _end_with_parent(server, parent_pid: int) -> None:
@@ -63,6 +73,7 @@ def command_serve(args) -> int:
     import uvicorn
 
     from .app import create_app
+    from .http import guarded_protocol
     from .jobs import ServeSettings
 
     loopback = protocol.is_loopback(args.host)
@@ -70,13 +81,15 @@ def command_serve(args) -> int:
         raise InvalidInputError(f"refusing to listen on {args.host} without --token-file: anyone who can reach this "
                                 "machine could run the model and read the CTs sent to it. Create a token file "
                                 "(chmod 600) and pass --token-file, or keep the default --host 127.0.0.1")
-    if args.max_upload_mb <= 0 or args.max_waiting < 0:
-        raise InvalidInputError("--max-upload-mb must be positive and --max-waiting at least 0")
+    if args.max_upload_mb <= 0 or args.max_ct_mb <= 0 or args.max_waiting < 0:
+        raise InvalidInputError("--max-upload-mb and --max-ct-mb must be positive and --max-waiting at least 0")
+    if not args.request_timeout > 0 or not args.keep_results_s >= 0:
+        raise InvalidInputError("--request-timeout must be positive and --keep-results-s at least 0")
     if args.parent_pid is not None and (args.parent_pid <= 0 or not process_exists(args.parent_pid)):
         raise InvalidInputError(f"--parent-pid {args.parent_pid}: no such process is running")
     token = protocol.read_token(args.token_file) if args.token_file else None
     settings = ServeSettings(model_dir=args.model, device=args.device, dtype=args.dtype, profile=args.profile,
-                             threads=args.threads, max_waiting=args.max_waiting)
+                             threads=args.threads, max_waiting=args.max_waiting, keep_results_s=args.keep_results_s)
     family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -100,8 +113,9 @@ def command_serve(args) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     app = create_app(settings, token=token, max_upload_bytes=args.max_upload_mb << 20, loopback_only=loopback,
-                     on_ready=on_ready)
-    config = uvicorn.Config(app, log_level="warning", server_header=False, timeout_keep_alive=30)
+                     on_ready=on_ready, max_ct_bytes=args.max_ct_mb << 20)
+    config = uvicorn.Config(app, log_level="warning", server_header=False, http=guarded_protocol(args.request_timeout),
+                            timeout_keep_alive=max(1, round(args.request_timeout)))
     server = uvicorn.Server(config)
     if args.parent_pid is not None:
         _end_with_parent(server, args.parent_pid)
@@ -123,6 +137,15 @@ def add_parser(commands) -> None:
     serve.add_argument("--token-file", help="file holding the token every request must send as 'Authorization: Bearer'")
     serve.add_argument("--max-upload-mb", type=int, default=protocol.DEFAULT_MAX_UPLOAD_MB,
                        help=f"largest CT upload in MiB (default {protocol.DEFAULT_MAX_UPLOAD_MB})")
+    serve.add_argument("--max-ct-mb", type=int, default=protocol.DEFAULT_MAX_CT_MB,
+                       help=f"largest decoded CT in MiB, checked from its header before decoding (default "
+                            f"{protocol.DEFAULT_MAX_CT_MB}: a whole-body CT)")
+    serve.add_argument("--request-timeout", type=float, default=protocol.DEFAULT_REQUEST_TIMEOUT_S,
+                       help="seconds a client may take to send its request headers, or let its body stall "
+                            f"(default {protocol.DEFAULT_REQUEST_TIMEOUT_S:g})")
+    serve.add_argument("--keep-results-s", type=float, default=protocol.DEFAULT_KEEP_RESULTS_S,
+                       help="seconds a finished question's masks stay fetchable; fetched masks go at once "
+                            f"(default {protocol.DEFAULT_KEEP_RESULTS_S:g})")
     serve.add_argument("--max-waiting", type=int, default=2,
                        help="questions that may wait behind the running one; more are refused as busy (default 2)")
     serve.add_argument("--ready-file", help="write {\"url\", \"pid\"} as JSON here once the server answers")

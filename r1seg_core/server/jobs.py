@@ -12,15 +12,19 @@ next question finds the model ready (a client that must have the memory back sto
 from __future__ import annotations
 
 import gc
-import itertools
+import hmac
 import logging
+import secrets
 import threading
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from ..errors import CancelledError, R1SegError
+from ..volume import Volume
 from . import protocol
 
 log = logging.getLogger("r1seg.serve")
@@ -43,6 +47,7 @@ class ServeSettings:
     max_waiting: int = 2           # questions that may wait behind the running one
     max_volumes: int = 4           # uploaded CTs kept (least recently used go first)
     keep_finished: int = 8         # finished jobs whose results can still be fetched
+    keep_results_s: float = protocol.DEFAULT_KEEP_RESULTS_S   # a finished job's masks go after this, or once fetched
 
 
 def error_reply(error: BaseException) -> tuple[str, str]:
@@ -171,6 +176,7 @@ class Job:
     conversation: Any
     options: dict
     volume_id: str
+    owner: str = ""                # the creating client's X-R1Seg3D-Client value
     state: str = protocol.QUEUED
     done: int = 0
     total: int = 0
@@ -179,6 +185,9 @@ class Job:
     result: Any = None
     cancel: threading.Event = field(default_factory=threading.Event)
     seconds: float | None = None
+    summary: dict | None = None    # result.to_dict(): kept after the masks are dropped
+    finished_at: float | None = None
+    fetched_masks: set = field(default_factory=set)
 
     def set_stage(self, state: str, stage: str, done: int = 0, total: int = 0) -> None:
         self.state, self.stage, self.done, self.total = state, stage, done, total
@@ -192,6 +201,23 @@ class Job:
         if position is not None:
             reply["position"] = position
         return reply
+
+    def release_masks(self) -> None:
+        """Drop the masks (the answer's text and numbers stay); the CT was dropped when the job finished."""
+        self.result = None
+
+    def mask_fetched(self, index: int | None) -> None:
+        """A client fetched one mask (or, with None, the labelmap of all): once it has them all, they go."""
+        if index is not None:
+            self.fetched_masks.add(index)
+        if index is None or (self.summary and len(self.fetched_masks) >= len(self.summary["targets"])):
+            self.release_masks()
+
+
+def geometry_only(volume: Volume) -> Volume:
+    """The CT's grid without its voxels (a zero-stride view of one value): enough to write masks on its grid."""
+    placeholder = np.broadcast_to(np.zeros((), dtype=volume.array.dtype), volume.shape)
+    return Volume(placeholder, volume.spacing, volume.origin, volume.direction, volume.name)
 
 
 _UNLOAD = object()
@@ -208,7 +234,6 @@ class JobQueue:
         self._waiting: deque = deque()
         self._running: Job | None = None
         self._jobs: OrderedDict[str, Job] = OrderedDict()
-        self._ids = itertools.count(1)
         self._stopping = False
         self._unloaded = threading.Event()
         self._thread = threading.Thread(target=self._work, name="r1seg worker", daemon=True)
@@ -219,29 +244,48 @@ class JobQueue:
     def submit(self, **fields) -> tuple[Job, int]:
         """Queue a question; returns the job and its place (0: runs now). Raises BusyError when the queue is full."""
         with self._lock:
-            if len(self._waiting) >= self.settings.max_waiting and (self._running or self._waiting):
-                raise BusyError(f"busy: the server is answering a question and {len(self._waiting)} more wait "
-                                f"(at most {self.settings.max_waiting}); try again when one has finished")
-            job = Job(id=f"j{next(self._ids)}", **fields)
+            self._expire_masks()
+            waiting = self._waiting_jobs()
+            # Counted as one running plus the waiting ones, whether or not the worker has taken the first one yet:
+            # just after a submit the running question still sits in the queue.
+            if (self._running is not None) + len(waiting) > self.settings.max_waiting:
+                raise BusyError(f"busy: the server is answering a question and {len(waiting) - (self._running is None)} "
+                                f"more wait (at most {self.settings.max_waiting}); try again when one has finished")
+            # Random: an id cannot be guessed, and an id from an earlier server run names nothing here.
+            job = Job(id=f"j{secrets.token_hex(16)}", **fields)
             self._jobs[job.id] = job
             self._waiting.append(job)
-            position = len(self._waiting) - (0 if self._running else 1)
+            position = len(self._waiting_jobs()) - (0 if self._running else 1)
             self._wake.notify()
             return job, position
 
-    def get(self, job_id: str) -> tuple[Job | None, int | None]:
+    def get(self, job_id: str, owner: str = "") -> tuple[Job | None, int | None]:
+        """The job and its place in the queue; (None, None) for an unknown id or another client's job."""
         with self._lock:
+            self._expire_masks()
             job = self._jobs.get(job_id)
+            if job is None or not hmac.compare_digest(job.owner.encode(), owner.encode()):
+                return None, None
             position = None
-            if job is not None and job in self._waiting:
-                position = list(self._waiting).index(job) + (1 if self._running else 0)
+            if job in self._waiting:
+                position = self._waiting_jobs().index(job) + (1 if self._running else 0)
             return job, position
 
-    def cancel(self, job_id: str) -> Job | None:
+    def _waiting_jobs(self) -> list:
+        return [job for job in self._waiting if job is not _UNLOAD]
+
+    def _expire_masks(self) -> None:
+        """Under the lock: finished jobs older than keep_results_s let go of their masks."""
+        cutoff = time.monotonic() - self.settings.keep_results_s
+        for job in self._jobs.values():
+            if job.finished_at is not None and job.finished_at < cutoff:
+                job.release_masks()
+
+    def cancel(self, job_id: str, owner: str = "") -> Job | None:
+        job, _ = self.get(job_id, owner)
+        if job is None:
+            return None
         with self._lock:
-            job = self._jobs.get(job_id)
-            if job is None:
-                return None
             job.cancel.set()
             if job in self._waiting:
                 self._waiting.remove(job)
@@ -251,7 +295,7 @@ class JobQueue:
     @property
     def counts(self) -> tuple[bool, int]:
         with self._lock:
-            return self._running is not None, len(self._waiting)
+            return self._running is not None, len(self._waiting_jobs())
 
     def forget_volume(self, volume_id: str) -> None:
         """A client is done with a CT: finished jobs on it let go of it and their answers, and the model's cached CT
@@ -259,7 +303,7 @@ class JobQueue:
         with self._lock:
             for job in self._jobs.values():
                 if job.volume_id == volume_id and job.state in protocol.TERMINAL_STATES:
-                    job.volume = job.result = None
+                    job.volume = job.result = job.summary = None
             if self._running is None and not self._waiting:
                 self.host.clear_ct_cache()
 
@@ -273,7 +317,7 @@ class JobQueue:
             if self._running is not None:
                 self._running.cancel.set()
             for job in self._jobs.values():
-                job.volume = job.conversation = job.result = None   # their memory goes too
+                job.volume = job.conversation = job.result = job.summary = None   # their memory goes too
             self._unloaded.clear()
             self._waiting.append(_UNLOAD)
             self._wake.notify()
@@ -328,7 +372,7 @@ class JobQueue:
                     job.state = protocol.FAILED
                     self._finish(job)
                 else:
-                    job.result = result
+                    job.result, job.summary = result, result.to_dict()
                     job.state = protocol.DONE
                     job.stage = "done"
                     self._finish(job)
@@ -341,6 +385,10 @@ class JobQueue:
             job.stage = "cancelled"
             job.error = {"error": protocol.ERROR_CANCELLED, "detail": "cancelled by the user"}
         job.conversation = None
+        job.finished_at = time.monotonic()
+        if job.volume is not None:
+            # The stored CT may be evicted or forgotten: a finished job must not keep its voxels alive.
+            job.volume = geometry_only(job.volume)
         finished = [j for j in self._jobs.values() if j.state in protocol.TERMINAL_STATES]
         for old in finished[:max(0, len(finished) - self.settings.keep_finished)]:
             del self._jobs[old.id]
