@@ -763,7 +763,9 @@ class R1Seg3DSlicerTest(ScriptedLoadableModuleTest):
             message = engine.describe_error(seen[-1].error)
             self.assertIn("could not start", message)
             self.assertIn("--no-such-option", message)
-            self.assertTrue(Path(seen[-1].error.log_path).is_file())
+            log = Path(seen[-1].error.log_path)
+            self.assertTrue(log.is_file())   # kept for the user
+            log.unlink()
             self.assertIsNone(slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLSegmentationNode"))
         finally:
             logic.shutdown()

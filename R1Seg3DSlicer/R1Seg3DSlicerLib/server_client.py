@@ -26,9 +26,9 @@ from .events import CancelledEvent, FailedEvent, FinishedEvent, ProgressEvent
 from .i18n import tr as _
 from .server_process import ServerProcessError, ServerStartError
 
-# The stage shown while the server loads the model; the chat shows the elapsed seconds beside it. The times are the
+# The stage shown while the server loads the model; the chat adds the elapsed seconds, e.g. "... (12 s)". The times are the
 # default model's on a 2-core CPU (reviews/2026-12-07/slicer.md: 48 s with an empty cache, 19 s with a warm one).
-LOADING_STAGE = _("Loading the model (the first load takes about 20-50 s; later questions start within seconds)")
+LOADING_STAGE = _("Loading the model: about 20-50 s the first time, seconds afterwards")
 # After Cancel, the server has this long to confirm before a local one is killed (issue #13: about a second).
 CANCEL_GRACE_S = 1.0
 
