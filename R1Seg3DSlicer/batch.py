@@ -11,7 +11,8 @@ target's segment name, volume and voxel count, the timings and the device. The s
 written even when nothing was found (then it has no segments), so a pipeline always gets one.
 
 With `--server URL` (and `--token-file F`), a running `r1seg serve` answers instead, so many batch
-questions pay the model load once.
+questions pay the model load once. A server on another machine must be https:// unless `--insecure`
+is given; a server of another R1Seg3D API version is refused with both versions named.
 
 Before any work it checks, as the module does before the first question, that Slicer, Python and the
 installed packages are recent enough, and names the fix when they are not.
@@ -73,6 +74,9 @@ def parse_arguments(argv):
                         help="ask a running `r1seg serve` instead of loading the model here (then --model, --device "
                              "and --dtype are the server's); many batch questions pay the model load once")
     parser.add_argument("--token-file", default=None, help="with --server: file holding the server's token")
+    parser.add_argument("--insecure", action="store_true",
+                        help="with --server: allow plain http:// to another machine (the CT and token cross the network "
+                             "unencrypted; for a private, trusted network only)")
     return parser.parse_args(argv)
 
 
@@ -187,10 +191,13 @@ def run(arguments, predictor_factory=None, stdout=sys.stdout, stderr=sys.stderr)
     started = time.monotonic()
     try:
         if arguments.server:
-            from r1seg_core.server.client import client_from_arguments
-            from R1Seg3DSlicerLib import server_client
+            from r1seg_core.server.protocol import read_token
+            from R1Seg3DSlicerLib import connection, server_client
 
-            client = client_from_arguments(arguments.server, arguments.token_file)
+            # The panel's client: https to other machines (or --insecure), the API header, the version check.
+            client = connection.remote_client(arguments.server, read_token(arguments.token_file)
+                                              if arguments.token_file else "", arguments.insecure)
+            connection.check_health(client)
             result = server_client.ask_blocking(client, session.volume_from_node(volume_node), arguments.question,
                                                 options, progress=_ProgressPrinter(stderr))
             change, found = session.write_answer(volume_node, result)

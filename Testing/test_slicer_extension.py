@@ -29,13 +29,13 @@ def installs(module, monkeypatch):
     import slicer.util
 
     calls = []
-    packaging = SimpleNamespace(load_requirements=lambda path: [], pip_check=lambda requirement: True,
-                                pip_ensure=lambda *args, **kwargs: calls.append(("pip_ensure", args)))
+    packaging = SimpleNamespace(load_requirements=lambda path: [], pip_check=lambda requirement: True)
     monkeypatch.setattr(slicer, "app", SimpleNamespace(majorVersion=5, minorVersion=12), raising=False)
     monkeypatch.setattr(slicer, "packaging", packaging, raising=False)
     monkeypatch.setitem(sys.modules, "slicer.packaging", packaging)
     monkeypatch.setattr(slicer.util, "pip_install", lambda *args: calls.append(("pip_install", args)), raising=False)
-    monkeypatch.setattr(slicer.util, "confirmOkCancelDisplay", lambda *args, **kwargs: True, raising=False)
+    monkeypatch.setattr(slicer.util, "confirmOkCancelDisplay",
+                        lambda *args, **kwargs: calls.append(("asked", args)) or True, raising=False)
     return calls
 
 
@@ -48,21 +48,23 @@ def pretend_installed(monkeypatch, **versions):
     ("torch", "2.4.1+cu121", 'torchVersionRequirement=">=2.5"'),
     ("transformers", "4.55.2", 'slicer.util.pip_install("transformers>=4.56")'),
 ])
-def test_too_old_torch_or_transformers_is_refused_with_the_fix(module, installs, monkeypatch, caplog, package, old, fix):
+def test_too_old_torch_or_transformers_is_refused_with_the_fix(module, installs, monkeypatch, package, old, fix):
     pretend_installed(monkeypatch, **{package: old})
     logic = module.R1Seg3DSlicerLogic(session=engine.R1SegSession())
-    assert not logic.ensureEngineInstalled(interactive=False)
-    assert f"{package} {old} is too old" in caplog.text and fix in caplog.text
+    message = logic.setUp(interactive=True)   # refused before anything is asked or installed
+    assert f"{package} {old} is too old" in message and fix in message
     assert installs == []
 
 
 def test_old_slicer_is_refused_and_current_versions_pass(module, installs, monkeypatch):
-    logic = module.R1Seg3DSlicerLogic(session=engine.R1SegSession())
-    assert logic.versionProblems() == []  # this environment: torch 2.13, transformers 5.x
-    monkeypatch.setattr(slicer, "app", SimpleNamespace(majorVersion=5, minorVersion=8))
-    (problem,) = logic.versionProblems()
+    from R1Seg3DSlicerLib import setup_step
+
+    assert setup_step.blocking_problems((5, 12)) == []  # this environment: torch 2.13, transformers 5.x
+    (problem,) = setup_step.blocking_problems((5, 8))
     assert "5.10 or newer" in problem and "download.slicer.org" in problem
-    assert not logic.ensureEngineInstalled(interactive=False) and installs == []
+    monkeypatch.setattr(slicer, "app", SimpleNamespace(majorVersion=5, minorVersion=8))
+    logic = module.R1Seg3DSlicerLogic(session=engine.R1SegSession())
+    assert logic.setUp(interactive=True) == problem and installs == []
 
 
 def test_version_floors_agree_with_pyproject():

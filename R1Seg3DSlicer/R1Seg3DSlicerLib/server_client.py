@@ -1,10 +1,13 @@
 """Questions answered by an R1Seg3D server (`r1seg serve`), for the panel and for batch.py.
 
 `ServerQuestion` is one question as a non-blocking state machine: each `poll()` makes at most a few
-short HTTP requests and returns the same events as worker.py's, so the panel's 100 ms timer drives it
-and Slicer's main thread never waits on inference. The answer is fetched, whole, only once the server
-says it is done; the caller then writes it to the scene (main thread). A server that dies or stops
-answering mid-question becomes a FailedEvent that says so, and nothing is written.
+short HTTP requests and returns an event of events.py, so the panel's 100 ms timer drives it and
+Slicer's main thread never waits on inference. The answer is fetched, whole, only once the server says
+it is done; the caller then writes it to the scene (main thread). What can go wrong is told apart,
+because each calls for something else:
+- a local server that could not start: the cause from its log, and where the log is kept;
+- a server that died or stopped answering mid-question: nothing is written, a local one is restarted;
+- a CT refused as too large (HTTP 413), or a server of another version: the server is fine and is kept.
 """
 from __future__ import annotations
 
@@ -18,10 +21,14 @@ from r1seg_core.server import protocol
 from r1seg_core.server.client import ServerError, ServerUnreachable, job_error
 from r1seg_core.server.nrrd import mask_from_nrrd_bytes, volume_to_nrrd_bytes
 
+from .connection import UploadTooLarge
+from .events import CancelledEvent, FailedEvent, FinishedEvent, ProgressEvent
 from .i18n import tr as _
-from .server_process import ServerProcessError
-from .worker import CancelledEvent, FailedEvent, FinishedEvent, ProgressEvent
+from .server_process import ServerProcessError, ServerStartError
 
+# The stage shown while the server loads the model; the chat adds the elapsed seconds, e.g. "... (12 s)". The times are the
+# default model's on a 2-core CPU (reviews/2026-12-07/slicer.md: 48 s with an empty cache, 19 s with a warm one).
+LOADING_STAGE = _("Loading the model: about 20-50 s the first time, seconds afterwards")
 # After Cancel, the server has this long to confirm before a local one is killed (issue #13: about a second).
 CANCEL_GRACE_S = 1.0
 
@@ -115,12 +122,23 @@ class ServerQuestion:
         self.finished = True
         self.server_lost = lost
         if lost and isinstance(event, FailedEvent):
-            reason = str(event.error).splitlines()[0]
-            restart = _("the next question starts a new server") if self._server is not None else _("check the server")
-            message = _("The R1Seg3D server stopped while answering ({reason}). Nothing was added to the scene;"
-                        " {restart}.").format(reason=reason, restart=restart)
-            event = FailedEvent(self.id, ServerError(message), event.traceback_text)
+            error, message = event.error, self._lost_message(event.error)
+            # The same kind of error, now worded for the panel; a local server's error keeps its cause and log.
+            said = type(error)(message, error.cause, error.log_path) if isinstance(error, ServerProcessError) \
+                else ServerError(message)
+            event = FailedEvent(self.id, said, event.traceback_text)
         return [event]
+
+    def _lost_message(self, error) -> str:
+        log = getattr(error, "log_path", None)
+        kept = _(" The server's log is kept at {path}.").format(path=log) if log else ""
+        if isinstance(error, ServerStartError):
+            return _("The R1Seg3D server could not start. Its log says:\n{cause}\n{kept}").format(
+                cause=error.cause or str(error), kept=kept.strip())
+        reason = str(error).splitlines()[0]
+        restart = _("the next question starts a new server") if self._server is not None else _("check the server")
+        return _("The R1Seg3D server stopped while answering ({reason}). Nothing was added to the scene;"
+                 " {restart}.{kept}").format(reason=reason, restart=restart, kept=kept)
 
     def _advance(self) -> list:
         if self._cancel_requested_at is not None and self._job_id is None:
@@ -151,12 +169,12 @@ class ServerQuestion:
             ahead = status.get("position", 0)
             return self._progress(0, 0, _("Waiting for the server ({ahead} ahead)").format(ahead=ahead))
         if state == protocol.LOADING:
-            return self._progress(0, 0, _("Loading the model"))
+            return self._progress(0, 0, LOADING_STAGE)
         return self._progress(status["done"], status["total"], _("Segmenting") if status["total"] else _("Answering"))
 
     def _submit(self) -> list:
         # Short, blocking transfers on the main thread: a thread of Slicer's would be starved (see module docstring).
-        volume_id = self._client.upload(volume_to_nrrd_bytes(self._volume, compress=not self._client.loopback))
+        volume_id = self._upload(volume_to_nrrd_bytes(self._volume, compress=not self._client.loopback))
         if self._on_upload is not None:
             self._on_upload(volume_id)
         conversation_id = self._conversation_id() if callable(self._conversation_id) else self._conversation_id
@@ -166,6 +184,22 @@ class ServerQuestion:
             self.cancel()
         self._volume = None   # the server has it
         return self._progress(0, 0, _("Sent to the server"))
+
+    def _upload(self, nrrd: bytes) -> str:
+        """The CT's id on the server. A server that drops the connection while it receives the CT, yet still
+        answers, refused the upload (a server that closes before reading a too-large body looks like this): that is
+        UploadTooLarge, not a dead server, so no new server is started for it."""
+        try:
+            return self._client.upload(nrrd)
+        except ServerUnreachable:
+            try:
+                self._client.health()
+            except ServerError:
+                raise   # it does not answer at all: unreachable indeed
+            raise UploadTooLarge(_("The R1Seg3D server at {url} closed the connection while receiving the CT"
+                                   " ({megabytes:.0f} MB) but still answers: it most likely refused it as larger than"
+                                   " it accepts.").format(url=self._client.url, megabytes=len(nrrd) / 2**20),
+                                 413) from None
 
     def _progress(self, done, total, stage) -> list:
         if (done, total, stage) == self._last_progress:
