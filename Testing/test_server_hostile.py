@@ -24,8 +24,8 @@ import pytest
 pytest.importorskip("fastapi", reason="needs the serve extra (pip install -e .[serve])")
 pytest.importorskip("uvicorn", reason="needs the serve extra (pip install -e .[serve])")
 
-from test_inference import small_model  # noqa: E402
 from test_server import QUESTION, SERVER_ENV, START_TIMEOUT_S, LocalServer, rss_mb, start_server, wait  # noqa: E402
+from test_server import model_dir  # noqa: E402,F401  (the fixture: the same tiny model)
 
 import r1seg_core  # noqa: E402
 from r1seg_core import sample_ct_path  # noqa: E402
@@ -40,13 +40,6 @@ MAX_UPLOAD_MB, MAX_CT_MB, TIMEOUT_S, KEEP_RESULTS_S = 16, 24, 2, 4
 # An attack is refused within this many seconds (on a shared 2-core machine).
 PROMPT_S = 5.0
 FAST = {"sliding_window": False, "global_step": "off"}   # one window: a question in well under a second
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("model")
-    small_model().save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")
