@@ -314,3 +314,23 @@ def test_no_answer_contradicts_its_segments_or_json_with_the_bundled_model(bundl
     assert [t.name for t in both.targets] == ["liver", "spleen"] and both.windows > 1
     ask("Segment the urinary bladder.", volume=heldout, conversation=None)
     assert len(asked) >= 20
+
+
+@pytest.mark.parametrize("question, requested", [
+    ("Segment the liver and the spleen.", ["liver", "spleen"]),
+    ("I need a segmentation of the aorta, the inferior vena cava and the spleen.",
+     ["aorta", "inferior vena cava", "spleen"]),
+    ("Segment the femur.", ["femur"]),
+    ("Now the spleen.", ["spleen"]),
+    ("Is the liver visible in this scan?", ["liver"]),
+    # Landmarks of a description are not requests: the model chooses the target among what it knows.
+    ("Which structure matches this description? The organ that sits above the right kidney with the gallbladder "
+     "tucked under its surface.", []),
+    ("The organ sheltered by the lower left ribs. Mark this structure on the scan.", []),
+    ("Which organ stores bile?", []),
+])
+def test_names_count_as_targets_only_where_the_question_asks_for_them(question, requested):
+    from r1seg_core.inference.targets import requested_in_question
+    from r1seg_core.vocabulary import load_vocabulary
+
+    assert requested_in_question(load_vocabulary(), question) == requested

@@ -17,7 +17,7 @@ from ..errors import InvalidInputError
 from ..prompting import answer_ids, negative_answer, positive_answer, prompt_ids
 from .answers import generate, score_candidates
 from .decision import is_trained
-from .targets import Targets, named_in_question, read_free_answer, refers_back
+from .targets import Targets, named_in_question, read_free_answer, refers_back, requested_in_question
 from .windows import window_region
 
 # A window is skipped by the global step when the coarse whole-CT mask has no voxel above this in it.
@@ -27,6 +27,13 @@ SKIP_THRESHOLD = 0.1
 def choose_targets(predictor, view, question, conversation, history, answer_mode, opts, notes, timings):
     """The question's targets, the whole-CT answer's text, and (global_step "skip") its coarse mask."""
     named = named_in_question(predictor.vocabulary, question)
+    known = predictor.model.config.known_structures
+    if known and not predictor.text_prompted:
+        # A model that knows what it was trained on reads names outside a request as description, and chooses.
+        described = [name for name in named if name not in requested_in_question(predictor.vocabulary, question)]
+        if described:
+            named = [name for name in named if name not in described]
+            notes.append(f"the question mentions {', '.join(described)} while describing its target, not as a target")
     earlier = conversation.last_targets() if conversation is not None else []
     if predictor.text_prompted:
         names = named or earlier
@@ -37,7 +44,6 @@ def choose_targets(predictor, view, question, conversation, history, answer_mode
                      "named target and does not reason about the question")
         return Targets(names), "", None
     step = opts.global_step != "off"
-    known = predictor.model.config.known_structures
     if answer_mode != "constrained":
         return _from_generation(predictor, view, question, history, named, earlier, opts, notes, timings)
     if named:

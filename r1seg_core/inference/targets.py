@@ -35,6 +35,26 @@ def named_in_question(vocabulary, question: str) -> list[str]:
     return [structure.name for structure in vocabulary.find_in_text(question)]
 
 
+# What asks for a structure by name: a request verb, or a question that starts "is/are/does ...", or "now the X".
+# The names in the rest of that clause are requested; names elsewhere describe the target ("the organ that sits
+# above the right kidney"), so an implicit question is not mistaken for a request about its landmarks.
+_REQUEST = re.compile(
+    r"\b(?:segment|segmentations? of|outline|highlight|show(?: me)?|delineate|find|locate|mark|contour|label|"
+    r"where (?:is|are))\b|(?:^|[.?!]\s*)(?:is|are|does|do|can you see|now|and|also|what about|how about)\b",
+    re.IGNORECASE)
+_CLAUSE_END = re.compile(r"[.?!;:]")
+
+
+def requested_in_question(vocabulary, question: str) -> list[str]:
+    """The structures a question asks for by name, in order: those named in a clause that a request opens."""
+    requested: list[str] = []
+    for cue in _REQUEST.finditer(question):
+        end = _CLAUSE_END.search(question, cue.end())
+        clause = question[cue.end(): end.start() if end else len(question)]
+        requested += [name for name in named_in_question(vocabulary, clause) if name not in requested]
+    return requested
+
+
 def refers_back(question: str) -> bool:
     return bool(_REFERS_BACK.search(question))
 
