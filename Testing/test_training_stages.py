@@ -162,8 +162,9 @@ def test_rerun_skips_finished_stages(trained):
 def test_resume_after_kill_matches_the_uninterrupted_run(trained, tmp_path):
     run, recipe = trained
     output = tmp_path / "resumed"
-    (output / "stage2").mkdir(parents=True)
-    os.symlink(run / "stage2" / "model", output / "stage2" / "model")
+    for stage in (1, 2):           # stage 3 starts from stage 2's export; its [SEG] alignment reads stage 1's
+        (output / f"stage{stage}").mkdir(parents=True)
+        os.symlink(run / f"stage{stage}" / "model", output / f"stage{stage}" / "model")
     command = launch(3, recipe, output, run / "data")
     latest = output / "stage3" / "checkpoints" / "latest"
     first = subprocess.Popen(command, cwd=REPO, env=environment(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,

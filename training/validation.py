@@ -74,6 +74,7 @@ def validation_samples(config: StageConfig, sources: list[PreparedSource], windo
         name = sorted(crop.present)[rng.integers(len(crop.present))]
         samples.append({"image": torch.from_numpy(crop.image)[None],
                         "masks": torch.from_numpy(crop.mask(name)[None].astype(np.uint8)), "name": name, "names": [name],
+                        "targets": [name],
                         "question": prompting.EXPLICIT_QUESTIONS[0].format(target=name),
                         "answer": prompting.positive_answer([name]), "case": f"{source.name}/{case.case_id}"})
     return samples
