@@ -246,10 +246,12 @@ def test_cancel_during_the_llm_step_and_during_loading(slow_llm_model_dir, ct):
         assert wait(client, job["job_id"], timeout=2)["state"] == protocol.CANCELLED
         assert time.monotonic() - started < 2
 
-        # The whole-CT LLM step: 700 generated tokens, seconds of work with no window finished.
-        _, full = ask(client, nrrd, global_step="answer", sliding_window=False)
+        # The whole-CT LLM step: 700 generated tokens, seconds of work with no window finished. Generated, not
+        # constrained: a question that names its target is only scored, which takes no time to cancel.
+        _, full = ask(client, nrrd, global_step="answer", sliding_window=False, answer_mode="generate")
         assert full["state"] == protocol.DONE and full["seconds"] > 1.5, full
-        job = client.submit(client.upload(nrrd), QUESTION, global_step="answer", sliding_window=False)
+        job = client.submit(client.upload(nrrd), QUESTION, global_step="answer", sliding_window=False,
+                            answer_mode="generate")
         deadline = time.monotonic() + 30
         while client.status(job["job_id"])["stage"] != "answering":
             assert time.monotonic() < deadline

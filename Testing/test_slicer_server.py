@@ -291,17 +291,22 @@ def test_other_conflicts_still_read_as_the_servers_own_error(contract_server):
 
 
 def test_a_413_is_told_apart_from_an_unreachable_server(contract_server):
+    contract_server.replies["GET /health"] = (200, HEALTH)      # no limits given: the client sends, the server refuses
+    from r1seg_core.server.nrrd import volume_to_nrrd_bytes
+    from r1seg_core.volume import Volume
+
+    small_nrrd = volume_to_nrrd_bytes(Volume(np.zeros((2, 3, 4), np.int16), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), np.eye(3)))
     contract_server.replies["POST /volumes"] = (413, {"error": "too_large", "detail": "the CT is 3 GiB decoded; the"
                                                       " limit is 2 GiB (--max-ct-mb)"})
     client = connection.PanelClient(contract_server.url)
     with pytest.raises(connection.UploadTooLarge, match="the limit is 2 GiB"):
-        client.upload(b"NRRD0004\n" + bytes(100))
+        client.upload(small_nrrd)
     contract_server.shutdown()
     contract_server.server_close()
     from r1seg_core.server.client import ServerUnreachable
 
     with pytest.raises(ServerUnreachable):
-        client.upload(b"NRRD0004\n" + bytes(100))
+        client.upload(small_nrrd)
 
 
 @pytest.mark.parametrize("url, insecure, allowed", [
@@ -373,6 +378,7 @@ def test_while_the_model_loads_the_panel_says_how_long_the_first_load_takes(cont
     from r1seg_core.volume import Volume
 
     contract_server.replies.update({
+        "GET /health": (200, HEALTH),        # the client reads the server's limits before an upload
         "POST /volumes": (201, {"volume_id": "v", "shape": [4, 5, 6]}),
         "POST /conversations": (201, {"conversation_id": "c1"}),
         "POST /jobs": (202, {"job_id": "j1", "state": "queued", "position": 0}),

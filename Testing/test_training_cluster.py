@@ -275,12 +275,12 @@ def test_stage_one_asks_for_absent_targets_at_the_configured_rate(tmp_path):
     config.sources, config.questions.negative_ratio = {"src": 1.0}, 0.25
     samples = StageSamples(config, [open_source(tmp_path, "src")], (8, 16, 16))
     items = [samples[SampleKey(step, 0, 0, slot)] for step in range(100) for slot in range(2)]
-    absent = [item for item in items if item["name"] == "spleen"]
+    absent = [item for item in items if item["names"] == ["spleen"]]
     assert 0.18 <= len(absent) / len(items) <= 0.32
     assert all(item["masks"].shape == (1, 8, 16, 16) and item["masks"].sum() == 0 for item in absent)
-    assert all(item["masks"].sum() > 0 for item in items if item["name"] == "liver")
+    assert all(item["masks"].sum() > 0 for item in items if item["names"] == ["liver"])
     config.questions.negative_ratio = 0.0             # the recipes' default: positives only, as before
-    assert all(samples[SampleKey(step, 0, 0, 0)]["name"] == "liver" for step in range(20))
+    assert all(samples[SampleKey(step, 0, 0, 0)]["names"] == ["liver"] for step in range(20))
 
 
 def test_dice_and_bce_of_an_empty_target_match_the_hand_computation():

@@ -200,6 +200,12 @@ class ServerQuestion:
                                    " ({megabytes:.0f} MB) but still answers: it most likely refused it as larger than"
                                    " it accepts.").format(url=self._client.url, megabytes=len(nrrd) / 2**20),
                                  413) from None
+        except ServerError as error:
+            if error.status != 413 or isinstance(error, UploadTooLarge):
+                raise
+            # r1seg_core's client checks the server's limits before it sends, and says so with a 413 of its own.
+            raise UploadTooLarge(_("The R1Seg3D server at {url} refuses the CT as too large: {detail}").format(
+                url=self._client.url, detail=error), 413, error.kind) from None
 
     def _progress(self, done, total, stage) -> list:
         if (done, total, stage) == self._last_progress:

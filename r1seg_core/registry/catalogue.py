@@ -98,6 +98,10 @@ def resolve_model(value: str | os.PathLike | None) -> Path | None:
     if path.exists():
         return path
     entries = load_registry()
+    if str(value) not in entries and ("/" in str(value) or os.sep in str(value)):
+        # A path, not a name: a missing folder is the model loader's to refuse (exit code 3), when the model loads;
+        # a server loads it at its first question, and must start to say so.
+        return path
     entry = entries.get(str(value))
     if entry is None:
         raise InvalidInputError(f"--model {value}: no such folder, and not a model name; `r1seg models` lists the names "
