@@ -107,7 +107,7 @@ def test_not_found_and_empty_mask_are_said_plainly():
     session.send("is there a gallbladder?", "ct")
     session.complete("No gallbladder is visible in this scan.", False, [FoundTarget("gallbladder", 0.0, 0)])
     page = session.transcript_html()
-    assert "Not found in this scan" in page and "empty mask, not added" in page
+    assert "No segment was added" in page and "empty mask, not added" in page
     assert "r1seg:undo" not in page
 
 

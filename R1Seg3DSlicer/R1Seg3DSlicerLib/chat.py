@@ -335,7 +335,8 @@ def _turn_html(turn_index: int, turn: Turn) -> str:
     else:
         parts.append(f"<p><b>R1Seg3D</b>: {escape(turn.answer)}</p>")
         if turn.present is False:
-            parts.append(f'<p style="color:gray"><i>{escape(_("Not found in this scan; no segment was added."))}</i></p>')
+            # The answer above says why (absent from this scan, or a structure the model was not trained on).
+            parts.append(f'<p style="color:gray"><i>{escape(_("No segment was added."))}</i></p>')
         if turn.targets:
             parts.append("<ul>")
             for target_index, target in enumerate(turn.targets):
