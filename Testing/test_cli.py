@@ -235,3 +235,9 @@ def test_chat_in_a_terminal_loads_once_keeps_history_and_writes_each_answer(mode
     assert [turn["question"] for turn in saved["turns"]] == ["Segment the liver.", "How big is it?"]
     written = sorted(p.name for p in (tmp_path / "answers").glob("0*"))
     assert written[:2] == ["01-liver.seg.nrrd", "01.json"] and "02.json" in written
+
+
+def test_ci_runs_exactly_the_test_command_readme_gives_a_user():
+    readme = (REPO / "README.md").read_text()
+    blocks = [block.split("```", 1)[0].strip() for block in readme.split("```bash\n")[1:]]
+    assert blocks[1] in (REPO / ".ci" / "run").read_text().splitlines()
