@@ -89,7 +89,7 @@ def stage_losses(model, batch: dict, stage: int, anchors: Stage1Prompts | None =
         return {**losses, "loss_lm": zero, "loss_align": zero}, len(batch["names"])
     out = model(batch["images"], batch["input_ids"], batch["attention_mask"], batch["labels"], batch["target_masks"])
     loss_align = out.loss.new_zeros(())
-    if anchors and out.prompt_rows:
+    if anchors is not None and out.prompt_rows:
         wanted = anchors([batch["target_names"][b][k] for b, k in out.prompt_rows])
         loss_align = (out.seg_prompt.float() - wanted.to(out.seg_prompt.device)).pow(2).sum(-1).mean()
     losses = {"loss": out.loss + alignment * loss_align, "loss_lm": out.loss_lm, "loss_dice": out.loss_dice,
