@@ -326,3 +326,31 @@ def test_named_trainable_groups_replace_the_stage_default():
     sam = small_model("tiny-sam")
     names = set_trainable(sam, 1, groups=["text_projection"])
     assert names == [n for n, _ in sam.named_parameters() if n.startswith("text_encoder.dim_align.")] and names
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_added_token_rows_start_at_the_mean_of_the_old_rows(tied):
+    """The resize skips transformers' random draw of the new rows (a load-time cost), so the rows it leaves must
+    all be set: old rows kept, each added row the mean of the old ones, in the input and output embeddings."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from r1seg_core.model.language_model import add_special_tokens
+    from r1seg_core.model.tokenizer import build_project_tokenizer
+
+    tokenizer = build_project_tokenizer("llama")
+    torch.manual_seed(0)
+    config = AutoConfig.for_model("llama", vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32,
+                                  num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                                  tie_word_embeddings=tied)
+    causal_lm = AutoModelForCausalLM.from_config(config)
+    before_in = causal_lm.get_input_embeddings().weight.detach().clone()
+    before_out = causal_lm.get_output_embeddings().weight.detach().clone()
+    added = add_special_tokens(tokenizer, causal_lm)
+    assert added > 0 and len(tokenizer) == before_in.shape[0] + added
+    for weight, before in ((causal_lm.get_input_embeddings().weight, before_in),
+                           (causal_lm.get_output_embeddings().weight, before_out)):
+        assert weight.shape[0] == len(tokenizer)
+        assert torch.equal(weight[:before.shape[0]], before)
+        expected = before.double().sum(0) / before.shape[0]          # the mean, by hand
+        assert torch.allclose(weight[before.shape[0]:].double(), expected.expand(added, -1), atol=1e-6)
+    assert (causal_lm.get_input_embeddings().weight.data_ptr() == causal_lm.get_output_embeddings().weight.data_ptr()) == tied

@@ -144,12 +144,12 @@ class TokenIds:
 
     @classmethod
     def from_tokenizer(cls, tokenizer) -> "TokenIds":
-        missing = [t for t in (IMAGE_TOKEN, SEG_TOKEN) if t not in tokenizer.get_vocab()]
+        vocab = tokenizer.get_vocab()
+        missing = [t for t in (IMAGE_TOKEN, SEG_TOKEN) if t not in vocab]
         if missing:
             raise InvalidInputError(
                 f"the tokenizer lacks the special tokens {missing}; build the model with "
                 "LanguageModel.add_special_tokens or use the tokenizer saved with the checkpoint")
-        vocab = tokenizer.get_vocab()
         eos = tokenizer.eos_token_id
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
         return cls(image=vocab[IMAGE_TOKEN], seg=vocab[SEG_TOKEN], eos=eos, pad=pad, bos=tokenizer.bos_token_id)
