@@ -102,3 +102,13 @@ def test_the_sample_ct_liver_matches_the_model_card(predictor, shared_ct, card):
     assert liver.status == "present"
     assert abs(liver.mask.sum() * voxel_ml - expected["predicted_ml"]) <= 0.05 * expected["predicted_ml"]
     assert dice(liver.mask, label == TOTALSEG_IDS["liver"]) >= expected["dice"] - CARD_TOLERANCE
+
+
+def test_info_names_the_structures_the_model_was_trained_on(capsys):
+    """`r1seg info` is where a user learns what the model can answer; the list comes from config.json."""
+    from r1seg_core.cli import main as r1seg
+
+    known = json.loads((default_model_path() / "config.json").read_text())["known_structures"]
+    assert r1seg(["info", "default"]) == 0
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("- trained to segment:"))
+    assert [name.strip() for name in line.split(":", 1)[1].split("(")[0].split(",")] == known

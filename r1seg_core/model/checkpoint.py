@@ -275,6 +275,9 @@ def model_card(config: R1Seg3DConfig) -> str:
                      f"layers {hf.get('num_hidden_layers', '?')}")
     if config.text_encoder is not None:
         lines.append("- SAM mode: prompted by a frozen text encoder")
+    if config.known_structures:
+        lines.append(f"- trained to segment: {', '.join(config.known_structures)} (other structures are answered "
+                     "\"not trained\")")
     compat = config.compatibility
     lines.append(f"- [SEG] state: {compat.seg_state} the token; several [SEG]: "
                  f"{'averaged into one mask' if compat.average_seg_states else 'one mask each'}; "
