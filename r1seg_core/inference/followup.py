@@ -26,7 +26,7 @@ MIDLINE_MM = 10.0
 BODY_HU = -500.0
 # Adult volumes on CT, for "is it bigger than normal?". Only structures with a published CT reference range.
 REFERENCE_ML = {
-    "spleen": (107.2, 314.5, "Prassopoulos et al., Eur Radiol 1997: 140 adults without splenic disease"),
+    "spleen": (107.2, 314.5, "Prassopoulos et al., Eur Radiol 1997;7(2):246-248: the range measured in 140 adults without splenic disease"),
 }
 
 
