@@ -32,12 +32,12 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
-from R1Seg3DSlicerLib import chat, engine, events, provenance, scene
+from R1Seg3DSlicerLib import chat, engine, events, model_picker, provenance, scene
 
 # The Lib's modules in dependency order, for onReload (a module is reloaded after the ones it imports). The
 # server modules import r1seg_core, so they are imported (and reloaded) only once a question needs them.
 LIB_MODULES = ["i18n", "terminology", "scene", "provenance", "chat", "events", "engine", "setup_step", "model_card",
-               "process_tree", "connection", "server_process", "server_client", "server_session"]
+               "process_tree", "model_picker", "connection", "server_process", "server_client", "server_session"]
 
 
 class R1Seg3DSlicer(ScriptedLoadableModule):
@@ -192,6 +192,8 @@ class R1Seg3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._questionOptions = None
         self._shownTranscript = None
         self._notice = ""  # a one-off status message (e.g. "Select a CT volume first.")
+        self._modelChoices = []  # model_picker.ModelChoice of the registry's answering models
+        self._modelChoicesError = ""
 
     # ---- construction --------------------------------------------------------------------
 
@@ -223,6 +225,12 @@ class R1Seg3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.segmentsTable.connect("selectionChanged(QItemSelection,QItemSelection)",
                                       lambda selected, deselected: self.refreshProvenance())
         self.ui.modelFolderEdit.connect("currentPathChanged(QString)", self.onModelFolderEdited)
+        self.ui.modelPickerCombo.connect("activated(int)", self.onModelPicked)
+        self.ui.downloadButton.connect("clicked(bool)", lambda checked: self.onDownloadOrCancel())
+        self.ui.downloadProgressBar.visible = False
+        self.downloadTimer = qt.QTimer()
+        self.downloadTimer.setInterval(self.POLL_INTERVAL_MS)
+        self.downloadTimer.connect("timeout()", self.onPollDownload)
         self.ui.clearButton.connect("clicked(bool)", lambda checked: self.onClearConversation())
         self.ui.unloadButton.connect("clicked(bool)", lambda checked: self.onUnloadModel())
         self.ui.testConnectionButton.connect("clicked(bool)", lambda checked: self.onTestConnection())
@@ -240,9 +248,12 @@ class R1Seg3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.initializeParameterNode()
         self.refreshModelCard()
         self.refresh()
+        # Listing the models starts the engine's Python (about 2 s): after the panel is drawn.
+        qt.QTimer.singleShot(0, self.refreshModelChoices)
 
     def cleanup(self) -> None:
         self.pollTimer.stop()
+        self.downloadTimer.stop()
         self.removeObservers()
         self.logic.shutdown()
 
@@ -306,12 +317,111 @@ class R1Seg3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         # would read as "."), so the folder is synced here: empty means the default model.
         if self._parameterNode and self.ui.modelFolderEdit.currentPath != self._parameterNode.modelFolder:
             self.ui.modelFolderEdit.currentPath = self._parameterNode.modelFolder
+        self.showPickedModel()
         self.refresh()
 
     def onModelFolderEdited(self, path) -> None:
         if self._parameterNode and self._parameterNode.modelFolder != path:
             self._parameterNode.modelFolder = path
         self.refreshModelCard()
+
+    # ---- model picker ----------------------------------------------------------------------
+
+    def refreshModelChoices(self) -> None:
+        """List the registry's models that answer questions, each with its installed state."""
+        try:
+            with slicer.util.WaitCursor():
+                self._modelChoices = self.logic.modelChoices()
+        except Exception as error:  # no engine yet: the picker says why, the folder setting still works
+            logging.warning("R1Seg3D could not list the models: %s", error)
+            self._modelChoices = []
+            self._modelChoicesError = engine.describe_error(error)
+        else:
+            self._modelChoicesError = ""
+        combo = self.ui.modelPickerCombo
+        wasBlocked = combo.blockSignals(True)
+        combo.clear()
+        for choice in self._modelChoices:
+            state = _("installed") if choice.installed else _("not installed")
+            combo.addItem(f"{choice.title} ({state})", choice.name)
+        combo.addItem(_("Custom folder (Advanced > Model folder)"), model_picker.CUSTOM_FOLDER)
+        combo.blockSignals(wasBlocked)
+        self.showPickedModel()
+
+    def pickedModel(self):
+        """The picker's selected model (model_picker.ModelChoice), or None for the custom folder."""
+        name = self.ui.modelPickerCombo.currentData
+        return next((choice for choice in self._modelChoices if choice.name == name), None)
+
+    def showPickedModel(self) -> None:
+        """Select the picker's item for the model-folder setting and show its details; the Download button follows."""
+        folder = self._parameterNode.modelFolder if self._parameterNode else ""
+        combo = self.ui.modelPickerCombo
+        if not self.logic.downloading:   # while downloading, the picker keeps showing the model being fetched
+            wasBlocked = combo.blockSignals(True)
+            combo.currentIndex = max(combo.findData(model_picker.choice_for_folder(self._modelChoices, folder)), 0)
+            combo.blockSignals(wasBlocked)
+        self.showModelDetails()
+
+    def onModelPicked(self, index) -> None:
+        choice = self.pickedModel()
+        if choice is not None and choice.folder_setting is not None and self._parameterNode:
+            self._parameterNode.modelFolder = choice.folder_setting   # an installed model: its folder answers
+        self.showModelDetails()
+
+    def showModelDetails(self) -> None:
+        choice = self.pickedModel()
+        if choice is not None:
+            text = model_picker.details_text(choice)
+        elif self._modelChoicesError:
+            text = self._modelChoicesError
+        else:
+            text = _("A model folder of your own (Advanced > Model folder).")
+        self.ui.modelChoiceLabel.text = text
+        self.ui.modelPickerCombo.toolTip = text
+        downloading = self.logic.downloading
+        self.ui.downloadButton.text = _("Cancel download") if downloading else _("Download")
+        self.ui.downloadButton.enabled = downloading or (choice is not None and not choice.installed)
+        self.ui.modelPickerCombo.enabled = not downloading
+
+    def onDownloadOrCancel(self) -> None:
+        if self.logic.downloading:
+            self.logic.cancelDownload()
+            return
+        choice = self.pickedModel()
+        if choice is None or choice.installed:
+            return
+        try:
+            started = self.logic.startModelDownload(
+                choice, lambda text: slicer.util.confirmOkCancelDisplay(text, windowTitle=_("Download a model")))
+        except Exception as error:
+            logging.exception("R1Seg3D could not start the download")
+            self.showNotice(engine.describe_error(error))
+            return
+        if started:
+            self.ui.downloadProgressBar.setRange(0, 0)   # busy until the first bytes arrive
+            self.ui.downloadProgressBar.visible = True
+            self.showNotice(_("Starting the download of {name}…").format(name=choice.name))
+            self.downloadTimer.start()
+        self.showModelDetails()
+
+    def onPollDownload(self) -> None:
+        for event in self.logic.pollDownload():
+            if isinstance(event, model_picker.DownloadProgress):
+                if event.fraction is not None:
+                    self.ui.downloadProgressBar.setRange(0, 1000)
+                    self.ui.downloadProgressBar.value = int(event.fraction * 1000)
+                self.showNotice(event.text())
+            elif isinstance(event, model_picker.DownloadFinished):
+                self.showNotice(_("Installed in {folder}; the next question uses it.").format(folder=event.folder))
+                if self._parameterNode:
+                    self._parameterNode.modelFolder = event.folder
+            else:   # failed or cancelled: the command's own message
+                self.showNotice(event.message)
+        if not self.logic.downloading:
+            self.downloadTimer.stop()
+            self.ui.downloadProgressBar.visible = False
+            self.refreshModelChoices()
 
     # ---- chat ----------------------------------------------------------------------------
 
@@ -548,6 +658,7 @@ class R1Seg3DSlicerLogic(ScriptedLoadableModuleLogic):
         ScriptedLoadableModuleLogic.__init__(self)
         self.session = session or engine.R1SegSession()   # reads volumes, writes answers, runs `process`
         self._servers = servers
+        self._download = None   # model_picker.ModelDownload while a model downloads
 
     @property
     def servers(self):
@@ -590,6 +701,36 @@ class R1Seg3DSlicerLogic(ScriptedLoadableModuleLogic):
         if not interactive or not slicer.util.confirmOkCancelDisplay(plan.consent_text(), windowTitle=_("R1Seg3D set-up")):
             return _("R1Seg3D cannot answer until it is set up; the next question asks again.")
         return setup_step.run_setup(plan)
+
+    # ---- models --------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def modelChoices() -> list:
+        """The registry's models that answer questions (model_picker.ModelChoice), each with its installed state."""
+        return model_picker.model_choices()
+
+    def startModelDownload(self, choice, confirm) -> bool:
+        """Download `choice` in a process of its own once `confirm(text)` agrees to its size and licence note
+        (model_picker.consent_text); False when declined. `pollDownload` from a timer then follows it."""
+        if self.downloading:
+            raise RuntimeError(_("A model is already downloading; wait for it or cancel it."))
+        if not confirm(model_picker.consent_text(choice)):
+            return False
+        self._download = model_picker.ModelDownload(choice.name)
+        self._download.start()
+        return True
+
+    @property
+    def downloading(self) -> bool:
+        return self._download is not None and self._download.running
+
+    def pollDownload(self) -> list:
+        """New events of the download: progress, then finished, failed or cancelled."""
+        return self._download.poll() if self._download is not None else []
+
+    def cancelDownload(self) -> None:
+        if self._download is not None:
+            self._download.cancel()
 
     # ---- questions -----------------------------------------------------------------------------------------
 
@@ -663,6 +804,7 @@ class R1Seg3DSlicerLogic(ScriptedLoadableModuleLogic):
             self._servers.release_volumes()
 
     def shutdown(self) -> None:
+        self.cancelDownload()
         if self._servers is not None:
             self._servers.shutdown()
 
