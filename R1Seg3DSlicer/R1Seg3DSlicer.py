@@ -36,7 +36,7 @@ from R1Seg3DSlicerLib import chat, engine, events, model_picker, provenance, sce
 
 # The Lib's modules in dependency order, for onReload (a module is reloaded after the ones it imports). The
 # server modules import r1seg_core, so they are imported (and reloaded) only once a question needs them.
-LIB_MODULES = ["i18n", "terminology", "scene", "provenance", "chat", "events", "engine", "setup_step", "model_card",
+LIB_MODULES = ["i18n", "terminology", "scene", "dicom_export", "provenance", "chat", "events", "engine", "setup_step", "model_card",
                "process_tree", "model_picker", "connection", "server_process", "server_client", "server_session"]
 
 
@@ -224,6 +224,7 @@ class R1Seg3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.historyShortcuts.append(shortcut)
         self.ui.segmentsTable.connect("selectionChanged(QItemSelection,QItemSelection)",
                                       lambda selected, deselected: self.refreshProvenance())
+        self.ui.exportDicomSegButton.connect("clicked(bool)", lambda checked: self.onExportDicomSeg())
         self.ui.modelFolderEdit.connect("currentPathChanged(QString)", self.onModelFolderEdited)
         self.ui.modelPickerCombo.connect("activated(int)", self.onModelPicked)
         self.ui.downloadButton.connect("clicked(bool)", lambda checked: self.onDownloadOrCancel())
@@ -332,10 +333,10 @@ class R1Seg3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         try:
             with slicer.util.WaitCursor():
                 self._modelChoices = self.logic.modelChoices()
-        except Exception as error:  # no engine yet: the picker says why, the folder setting still works
+        except model_picker.ModelListError as error:  # no engine yet: the picker says why, the folder setting works
             logging.warning("R1Seg3D could not list the models: %s", error)
             self._modelChoices = []
-            self._modelChoicesError = engine.describe_error(error)
+            self._modelChoicesError = str(error)
         else:
             self._modelChoicesError = ""
         combo = self.ui.modelPickerCombo
@@ -539,6 +540,26 @@ class R1Seg3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             scene.center_views_on_segment(segmentationNode, target.segment_id)
         self.refresh()
 
+    def onExportDicomSeg(self) -> None:
+        """Export the answer the provenance panel shows as DICOM SEG, into a folder the user picks and Slicer's DICOM
+        database; when it cannot be, the status line says why and what to do."""
+        records, record = self.shownRecord()
+        if record is None:
+            self.showNotice(_("Select a segment an R1Seg3D answer made (or ask a question) to export its answer."))
+            return
+        folder = qt.QFileDialog.getExistingDirectory(self.parent, _("Export the answer as DICOM SEG into"))
+        if not folder:
+            return
+        volumeNode = self._parameterNode.inputVolume if self._parameterNode else None
+        try:
+            with slicer.util.WaitCursor():
+                path = self.logic.exportDicomSeg(volumeNode, self.ui.segmentsTable.segmentationNode(), record, folder)
+        except Exception as error:
+            logging.warning("R1Seg3D DICOM SEG export: %s", error)
+            self.showNotice(engine.describe_error(error))
+            return
+        self.showNotice(_("Exported as DICOM SEG: {path} (also added to the DICOM database).").format(path=path))
+
     def onUnloadModel(self) -> None:
         if self.chat.state is not chat.ChatState.IDLE:
             self.chat.mark_cancelled()
@@ -628,17 +649,25 @@ class R1Seg3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if (shown.GetID() if shown else None) != (segmentationNode.GetID() if segmentationNode else None):
             self.ui.segmentsTable.setSegmentationNode(segmentationNode)
             self.ui.show3DButton.setSegmentationNode(segmentationNode)
+        self.ui.exportDicomSegButton.enabled = segmentationNode is not None
         self.refreshProvenance()
 
-    def refreshProvenance(self) -> None:
-        """The record of the answer that made the selected segment, else of the latest answer."""
+    def shownRecord(self):
+        """(records of the shown segmentation, the record of the answer that made the selected segment, else of the
+        latest answer; None for a segment no answer made)."""
         segmentationNode = self.ui.segmentsTable.segmentationNode()
         records = provenance.records(segmentationNode) if segmentationNode is not None else []
         selected = list(self.ui.segmentsTable.selectedSegmentIDs()) if records else []
         if not records:
+            return records, None
+        return records, provenance.record_for_segment(segmentationNode, selected[0]) if selected else records[-1]
+
+    def refreshProvenance(self) -> None:
+        """The record of the answer that made the selected segment, else of the latest answer."""
+        records, record = self.shownRecord()
+        if not records:
             text = _("No answer has added segments to this CT yet.")
         else:
-            record = provenance.record_for_segment(segmentationNode, selected[0]) if selected else records[-1]
             text = provenance.describe(record) if record is not None else _(
                 "No R1Seg3D answer made this segment (it was added by hand or by another module).")
         if text != self.ui.provenanceView.toPlainText():  # the timer redraws often; keep the user's scroll position
@@ -731,6 +760,47 @@ class R1Seg3DSlicerLogic(ScriptedLoadableModuleLogic):
     def cancelDownload(self) -> None:
         if self._download is not None:
             self._download.cancel()
+
+    # ---- DICOM SEG -----------------------------------------------------------------------------------------
+
+    def exportDicomSeg(self, volumeNode, segmentationNode, record, folder: str) -> str:
+        """Export the answer of provenance `record` as a DICOM Segmentation through Slicer's exporter (the
+        DICOMSegmentationPlugin of Quantitative Reporting), into `folder` and the DICOM database; returns the file.
+        Raises dicom_export.ExportRefused saying why when it cannot be exported (dicom_export.py decides)."""
+        import glob
+
+        from R1Seg3DSlicerLib import dicom_export
+
+        database = slicer.dicomDatabase
+        export = dicom_export.check_exportable(volumeNode, segmentationNode, record.segment_ids,
+                                               database.fileForInstance if database else lambda uid: "")
+        try:
+            import DICOMSegmentationPlugin
+        except ImportError as error:
+            raise dicom_export.ExportRefused(_(
+                "DICOM SEG export needs Slicer's DICOM SEG exporter, which comes with the Quantitative Reporting"
+                " extension: install it from the Extensions Manager, restart Slicer and export again.")) from error
+        node = dicom_export.build_export_segmentation(
+            export, slicer.mrmlScene, _("{volume} R1Seg3D answer").format(volume=volumeNode.GetName()),
+            f"R1Seg3D {record.model_name}".strip())
+        before = set(glob.glob(os.path.join(folder, "*.dcm")))
+        try:
+            hierarchy = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(slicer.mrmlScene)
+            exporter = DICOMSegmentationPlugin.DICOMSegmentationPluginClass()
+            exportables = exporter.examineForExport(hierarchy.GetItemByDataNode(node))
+            if not exportables:
+                raise dicom_export.ExportRefused(_("Slicer's DICOM SEG exporter refused the answer: the CT's DICOM files"
+                                                   " are not all in the DICOM database. ") + dicom_export.LOAD_FROM_DICOM)
+            for exportable in exportables:
+                exportable.directory = folder
+                exportable.setTag("SeriesDescription", f"R1Seg3D: {record.question}"[:64])   # LO: 64 characters
+            failure = exporter.export(exportables)
+        finally:
+            slicer.mrmlScene.RemoveNode(node)
+        if failure:
+            raise RuntimeError(_("Slicer's DICOM SEG exporter failed: {failure}").format(failure=failure))
+        written = sorted(set(glob.glob(os.path.join(folder, "*.dcm"))) - before)
+        return written[-1] if written else folder
 
     # ---- questions -----------------------------------------------------------------------------------------
 
