@@ -259,6 +259,9 @@ class DecidingPredictor:
 
     def ask(self, volume, question, *, conversation=None, progress=None, cancel=None, **options):
         DecidingPredictor.asked.append((volume.array.shape, question))
+        if "bile" in question:   # names no structure: an answer without targets
+            return SimpleNamespace(answer="No structure was found in the question.", present=False, targets=[],
+                                   timings={}, notes=[], device="cpu")
         mask = np.zeros(volume.array.shape, np.uint8)
         liver = "liver" in question
         if liver:
@@ -310,13 +313,21 @@ def test_batch_list_answers_every_ct_and_question_once_and_a_second_run_skips_th
 def test_batch_list_records_a_bad_ct_as_an_error_row_and_goes_on(shared_ct, tmp_path):
     cases = tmp_path / "cases.txt"
     cases.write_text(f"missing_ct.nii.gz\n{shared_ct / SMALL_CT}\n")
+    questions = tmp_path / "questions.txt"
+    questions.write_text("segment the liver\n# a comment\nwhich organ stores bile?\n")
     out = tmp_path / "out"
-    code, stdout, stderr = run_batch(["--list", cases, "--question", "segment the liver", "--output-dir", out],
-                                     lambda folder, device, dtype: DecidingPredictor())
+    arguments = ["--list", cases, "--questions-file", questions, "--output-dir", out]
+    code, stdout, stderr = run_batch(arguments, lambda folder, device, dtype: DecidingPredictor())
     assert code == batch.EXIT_OK, stderr
-    bad, good = read_rows(out)
-    assert bad["status"] == "error" and "Input not found" in bad["error"] and bad["case"] == "missing_ct"
+    bad1, bad2, good, no_target = read_rows(out)
+    assert {bad1["status"], bad2["status"]} == {"error"} and "Input not found" in bad1["error"]
+    assert bad1["case"] == "missing_ct"
     assert good["status"] == "present" and (out / good["output"]).is_file()
+    # A question naming no structure still has its row (and file), so a second run does not ask it again.
+    assert (no_target["question_id"], no_target["target"], no_target["status"]) == ("q2", "", "not_understood")
+    DecidingPredictor.asked = []
+    run_batch(arguments, lambda folder, device, dtype: DecidingPredictor())
+    assert DecidingPredictor.asked == []   # the missing CT's rows are errors: retried, but it is still missing
 
 
 @pytest.mark.parametrize("arguments, problem", [
