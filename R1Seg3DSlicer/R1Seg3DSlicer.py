@@ -904,7 +904,9 @@ class R1Seg3DSlicerLogic(ScriptedLoadableModuleLogic):
             self._servers.release_volumes()
 
     def shutdown(self) -> None:
-        self.cancelDownload()
+        if self.downloading:   # ended with Slicer; the next Download resumes it
+            self.cancelDownload()
+            self.pollDownload()   # collects the ended process and removes its files
         if self._servers is not None:
             self._servers.shutdown()
 
@@ -912,7 +914,8 @@ class R1Seg3DSlicerLogic(ScriptedLoadableModuleLogic):
 class R1Seg3DSlicerTest(ScriptedLoadableModuleTest):
     """Runs inside Slicer (Reload and Test, or CTest). The blocking path uses a scripted stand-in for the model:
     factory machines have no GPU and no weights, and the point there is the scene. The panel's path starts a real
-    server process through PythonSlicer, one that cannot start, and checks that the panel can say why."""
+    server process through PythonSlicer, one that cannot start, and checks that the panel can say why; the model
+    picker lists the registry through PythonSlicer too."""
 
     def setUp(self):
         slicer.mrmlScene.Clear()
@@ -922,6 +925,8 @@ class R1Seg3DSlicerTest(ScriptedLoadableModuleTest):
         self.test_AnswerBecomesSegments()
         self.setUp()
         self.test_ServerStartFailureIsExplained()
+        self.setUp()
+        self.test_ModelPickerListsTheRegistry()
 
     def _obliqueVolume(self):
         import numpy as np
@@ -978,6 +983,14 @@ class R1Seg3DSlicerTest(ScriptedLoadableModuleTest):
         scene.revert_change(slicer.mrmlScene, secondChange)
         self.assertEqual(segmentationNode.GetSegmentation().GetNumberOfSegments(), 1)
         self.assertEqual(len(provenance.records(segmentationNode)), 1)
+
+    def test_ModelPickerListsTheRegistry(self):
+        """The picker's list comes from the engine's Python started through PythonSlicer, as the server does."""
+        choices = R1Seg3DSlicerLogic.modelChoices()
+        default = next(choice for choice in choices if choice.bundled)
+        self.assertTrue(default.installed)
+        self.assertEqual(default.folder_setting, "")
+        self.assertEqual(model_picker.choice_for_folder(choices, "/no/such/model"), model_picker.CUSTOM_FOLDER)
 
     def test_ServerStartFailureIsExplained(self):
         import time
