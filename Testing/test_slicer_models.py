@@ -7,6 +7,7 @@ layouts); the expected sizes and licences come from what the hub serves and from
 json, not from the project's helpers. The processes are real."""
 import fnmatch
 import json
+import shutil
 import socket
 import sys
 import time
@@ -109,10 +110,13 @@ def test_progress_json_writes_only_json_lines_on_stdout(hub, capsys):
 @pytest.mark.parametrize("failure, expected", [
     ("offline", "HF_HUB_OFFLINE is set"),
     ("unreachable", "cannot reach http://127.0.0.1:"),
+    ("disk-full", "not enough disk space"),
 ])
 def test_a_failed_download_says_the_commands_one_message(hub, monkeypatch, tmp_path, failure, expected):
     if failure == "offline":
         monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    elif failure == "disk-full":
+        hub.declared_size["model.safetensors"] = shutil.disk_usage("/").total * 4
     else:
         closed = socket.socket()
         closed.bind(("127.0.0.1", 0))
@@ -135,3 +139,16 @@ def test_cancel_ends_the_download_process_tree_and_installs_nothing(hub, tmp_pat
     assert not process_tree.pid_running(download._process.pid)
     assert not (tmp_path / "cache" / "models" / "r1seg3d-phi3").exists()
     assert not next(c for c in model_picker.model_choices() if c.name == "r1seg3d-phi3").installed
+
+
+def test_an_interrupted_download_says_so_and_the_next_download_completes_it(hub, tmp_path):
+    hub.drop_after["model.safetensors"] = 200_000          # the server goes away mid-file
+    download = model_picker.ModelDownload("r1seg3d-phi3")
+    download.start()
+    failed = run_to_end(download)[-1]
+    assert isinstance(failed, model_picker.DownloadFailed) and "interrupted" in failed.message
+    assert "run the same command" in failed.message.lower()
+    del hub.drop_after["model.safetensors"]                 # the server is back: Download again
+    again = model_picker.ModelDownload("r1seg3d-phi3")
+    again.start()
+    assert run_to_end(again)[-1] == model_picker.DownloadFinished(str(tmp_path / "cache" / "models" / "r1seg3d-phi3"))
