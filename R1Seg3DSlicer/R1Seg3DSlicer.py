@@ -32,12 +32,12 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
-from R1Seg3DSlicerLib import chat, engine, events, provenance, scene
+from R1Seg3DSlicerLib import chat, engine, events, model_picker, provenance, scene
 
 # The Lib's modules in dependency order, for onReload (a module is reloaded after the ones it imports). The
 # server modules import r1seg_core, so they are imported (and reloaded) only once a question needs them.
-LIB_MODULES = ["i18n", "terminology", "scene", "provenance", "chat", "events", "engine", "setup_step", "model_card",
-               "process_tree", "connection", "server_process", "server_client", "server_session"]
+LIB_MODULES = ["i18n", "terminology", "scene", "dicom_export", "provenance", "chat", "events", "engine", "setup_step", "model_card",
+               "process_tree", "model_picker", "connection", "server_process", "server_client", "server_session"]
 
 
 class R1Seg3DSlicer(ScriptedLoadableModule):
@@ -51,14 +51,44 @@ class R1Seg3DSlicer(ScriptedLoadableModule):
             "Reasoning segmentation of CT. Select a CT volume, type a question such as"
             " <i>segment the liver</i> or <i>the pair of bean-shaped organs that filter blood</i>, and"
             " press Enter. The answer appears in the conversation and every structure it found is added"
-            " as a segment of the volume's R1Seg3D segmentation. Follow-up questions keep the context."
+            " as a segment of the volume's R1Seg3D segmentation."
+            "<p><b>How an answer is decided.</b> Each structure the question names is decided once, and the text, the"
+            " segment and the answer's record all follow from that decision:"
+            "<ul><li><i>present</i>: the text names it and its volume in mL, and a segment is added;</li>"
+            "<li><i>absent</i>: the text says there is no such structure in this scan, and no segment is added (the"
+            " model's mask was too small for this model's presence volume, or empty);</li>"
+            "<li><i>not trained</i>: the model was not trained to segment this structure, so it is not run for it,"
+            " and no segment is added.</li></ul>"
+            " Where the model's answer for the whole CT disagrees, the decision stands and one sentence says so."
+            " Words that are not structures R1Seg3D knows never become segments: the answer says what was not"
+            " understood. Several structures in one question are decided one by one."
+            "<p><b>Conversation.</b> A follow-up about the last answer's structures (<i>how big is it?</i>, <i>which"
+            " side is it on?</i>, <i>is it bigger than normal?</i>) is answered from the masks already found, without"
+            " segmenting again, so a volume you were given does not change. A question that names another structure"
+            " (<i>now the spleen</i>) segments it in the same CT. Another CT, or <i>Clear conversation</i>, starts a new"
+            " conversation. On the command line, <tt>r1seg ask CT \"question\" --conversation FILE.json</tt> keeps the"
+            " conversation in a file (a different CT starts a new one, and says so), and <tt>r1seg chat CT</tt> is the"
+            " same conversation in a terminal, with one model load."
             "<p>The first question asks once to set up what R1Seg3D needs (PyTorch, a few Python packages, the default"
             " model's base language model), then loads the model in the background: about 20-50 s for the default"
             " model, seconds afterwards. The model runs in a separate R1Seg3D server process on this computer;"
             " <i>Cancel</i>, <i>Unload model</i>, a change of model settings and closing Slicer end that whole"
             " process. If the server cannot start, the panel shows the cause from its log and where the log is kept."
-            "<p><b>Model</b> shows the model's card and licence. The default model is a small demonstration model,"
+            "<p><b>Model</b> picks the model that answers: the models R1Seg3D knows (<tt>r1seg models</tt>) that answer"
+            " questions, each marked installed or not. The <b>Model</b> section shows the selected one's state,"
+            " download size, memory needs and licence note, as the registry states it; where the authors state no"
+            " licence, it says so. An installed model is used at once (the same as choosing its folder under"
+            " <i>Advanced > Model folder</i>, which stays for a folder of your own). <i>Download</i> fetches a model"
+            " that is not installed: after one question that shows its size and licence note, it downloads in a"
+            " separate process (<tt>r1seg models get NAME</tt>), with progress in the panel; click it again to cancel."
+            " Every file is checked against its SHA-256; an interrupted or cancelled download resumes where it"
+            " stopped, and a failure (offline, server unreachable, disk full) is shown as one message saying what to"
+            " do. The section also shows the model's card. The default model is a small demonstration model,"
             " <b>not for clinical use</b>."
+            "<p><b>Export as DICOM SEG</b> (Segments) exports the answer of the selected segment, else the latest"
+            " answer, as a DICOM Segmentation through Slicer's DICOM SEG exporter (the Quantitative Reporting"
+            " extension), into a folder you pick and the DICOM database. The CT must have been loaded from the DICOM"
+            " database; for a CT opened from a NIfTI or NRRD file the panel says why it cannot export and what to do."
             "<p><i>Advanced > Server URL</i> sends the CT to another R1Seg3D server instead: it must be https://,"
             " unless <i>Insecure connection (trusted network only)</i> is ticked. <i>Test connection</i> checks that"
             " the server answers and speaks this panel's version. Nothing is sent anywhere unless a server URL is set."
@@ -192,6 +222,8 @@ class R1Seg3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._questionOptions = None
         self._shownTranscript = None
         self._notice = ""  # a one-off status message (e.g. "Select a CT volume first.")
+        self._modelChoices = []  # model_picker.ModelChoice of the registry's answering models
+        self._modelChoicesError = ""
 
     # ---- construction --------------------------------------------------------------------
 
@@ -222,7 +254,14 @@ class R1Seg3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.historyShortcuts.append(shortcut)
         self.ui.segmentsTable.connect("selectionChanged(QItemSelection,QItemSelection)",
                                       lambda selected, deselected: self.refreshProvenance())
+        self.ui.exportDicomSegButton.connect("clicked(bool)", lambda checked: self.onExportDicomSeg())
         self.ui.modelFolderEdit.connect("currentPathChanged(QString)", self.onModelFolderEdited)
+        self.ui.modelPickerCombo.connect("activated(int)", self.onModelPicked)
+        self.ui.downloadButton.connect("clicked(bool)", lambda checked: self.onDownloadOrCancel())
+        self.ui.downloadProgressBar.visible = False
+        self.downloadTimer = qt.QTimer()
+        self.downloadTimer.setInterval(self.POLL_INTERVAL_MS)
+        self.downloadTimer.connect("timeout()", self.onPollDownload)
         self.ui.clearButton.connect("clicked(bool)", lambda checked: self.onClearConversation())
         self.ui.unloadButton.connect("clicked(bool)", lambda checked: self.onUnloadModel())
         self.ui.testConnectionButton.connect("clicked(bool)", lambda checked: self.onTestConnection())
@@ -240,9 +279,12 @@ class R1Seg3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.initializeParameterNode()
         self.refreshModelCard()
         self.refresh()
+        # Listing the models starts the engine's Python (about 2 s): after the panel is drawn.
+        qt.QTimer.singleShot(0, self.refreshModelChoices)
 
     def cleanup(self) -> None:
         self.pollTimer.stop()
+        self.downloadTimer.stop()
         self.removeObservers()
         self.logic.shutdown()
 
@@ -306,12 +348,111 @@ class R1Seg3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         # would read as "."), so the folder is synced here: empty means the default model.
         if self._parameterNode and self.ui.modelFolderEdit.currentPath != self._parameterNode.modelFolder:
             self.ui.modelFolderEdit.currentPath = self._parameterNode.modelFolder
+        self.showPickedModel()
         self.refresh()
 
     def onModelFolderEdited(self, path) -> None:
         if self._parameterNode and self._parameterNode.modelFolder != path:
             self._parameterNode.modelFolder = path
         self.refreshModelCard()
+
+    # ---- model picker ----------------------------------------------------------------------
+
+    def refreshModelChoices(self) -> None:
+        """List the registry's models that answer questions, each with its installed state."""
+        try:
+            with slicer.util.WaitCursor():
+                self._modelChoices = self.logic.modelChoices()
+        except model_picker.ModelListError as error:  # no engine yet: the picker says why, the folder setting works
+            logging.warning("R1Seg3D could not list the models: %s", error)
+            self._modelChoices = []
+            self._modelChoicesError = str(error)
+        else:
+            self._modelChoicesError = ""
+        combo = self.ui.modelPickerCombo
+        wasBlocked = combo.blockSignals(True)
+        combo.clear()
+        for choice in self._modelChoices:
+            state = _("installed") if choice.installed else _("not installed")
+            combo.addItem(f"{choice.title} ({state})", choice.name)
+        combo.addItem(_("Custom folder (Advanced > Model folder)"), model_picker.CUSTOM_FOLDER)
+        combo.blockSignals(wasBlocked)
+        self.showPickedModel()
+
+    def pickedModel(self):
+        """The picker's selected model (model_picker.ModelChoice), or None for the custom folder."""
+        name = self.ui.modelPickerCombo.currentData
+        return next((choice for choice in self._modelChoices if choice.name == name), None)
+
+    def showPickedModel(self) -> None:
+        """Select the picker's item for the model-folder setting and show its details; the Download button follows."""
+        folder = self._parameterNode.modelFolder if self._parameterNode else ""
+        combo = self.ui.modelPickerCombo
+        if not self.logic.downloading:   # while downloading, the picker keeps showing the model being fetched
+            wasBlocked = combo.blockSignals(True)
+            combo.currentIndex = max(combo.findData(model_picker.choice_for_folder(self._modelChoices, folder)), 0)
+            combo.blockSignals(wasBlocked)
+        self.showModelDetails()
+
+    def onModelPicked(self, index) -> None:
+        choice = self.pickedModel()
+        if choice is not None and choice.folder_setting is not None and self._parameterNode:
+            self._parameterNode.modelFolder = choice.folder_setting   # an installed model: its folder answers
+        self.showModelDetails()
+
+    def showModelDetails(self) -> None:
+        choice = self.pickedModel()
+        if choice is not None:
+            text = model_picker.details_text(choice)
+        elif self._modelChoicesError:
+            text = self._modelChoicesError
+        else:
+            text = _("A model folder of your own (Advanced > Model folder).")
+        self.ui.modelChoiceLabel.text = text
+        self.ui.modelPickerCombo.toolTip = text
+        downloading = self.logic.downloading
+        self.ui.downloadButton.text = _("Cancel download") if downloading else _("Download")
+        self.ui.downloadButton.enabled = downloading or (choice is not None and not choice.installed)
+        self.ui.modelPickerCombo.enabled = not downloading
+
+    def onDownloadOrCancel(self) -> None:
+        if self.logic.downloading:
+            self.logic.cancelDownload()
+            return
+        choice = self.pickedModel()
+        if choice is None or choice.installed:
+            return
+        try:
+            started = self.logic.startModelDownload(
+                choice, lambda text: slicer.util.confirmOkCancelDisplay(text, windowTitle=_("Download a model")))
+        except Exception as error:
+            logging.exception("R1Seg3D could not start the download")
+            self.showNotice(engine.describe_error(error))
+            return
+        if started:
+            self.ui.downloadProgressBar.setRange(0, 0)   # busy until the first bytes arrive
+            self.ui.downloadProgressBar.visible = True
+            self.showNotice(_("Starting the download of {name}…").format(name=choice.name))
+            self.downloadTimer.start()
+        self.showModelDetails()
+
+    def onPollDownload(self) -> None:
+        for event in self.logic.pollDownload():
+            if isinstance(event, model_picker.DownloadProgress):
+                if event.fraction is not None:
+                    self.ui.downloadProgressBar.setRange(0, 1000)
+                    self.ui.downloadProgressBar.value = int(event.fraction * 1000)
+                self.showNotice(event.text())
+            elif isinstance(event, model_picker.DownloadFinished):
+                self.showNotice(_("Installed in {folder}; the next question uses it.").format(folder=event.folder))
+                if self._parameterNode:
+                    self._parameterNode.modelFolder = event.folder
+            else:   # failed or cancelled: the command's own message
+                self.showNotice(event.message)
+        if not self.logic.downloading:
+            self.downloadTimer.stop()
+            self.ui.downloadProgressBar.visible = False
+            self.refreshModelChoices()
 
     # ---- chat ----------------------------------------------------------------------------
 
@@ -429,6 +570,26 @@ class R1Seg3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             scene.center_views_on_segment(segmentationNode, target.segment_id)
         self.refresh()
 
+    def onExportDicomSeg(self) -> None:
+        """Export the answer the provenance panel shows as DICOM SEG, into a folder the user picks and Slicer's DICOM
+        database; when it cannot be, the status line says why and what to do."""
+        records, record = self.shownRecord()
+        if record is None:
+            self.showNotice(_("Select a segment an R1Seg3D answer made (or ask a question) to export its answer."))
+            return
+        folder = qt.QFileDialog.getExistingDirectory(self.parent, _("Export the answer as DICOM SEG into"))
+        if not folder:
+            return
+        volumeNode = self._parameterNode.inputVolume if self._parameterNode else None
+        try:
+            with slicer.util.WaitCursor():
+                path = self.logic.exportDicomSeg(volumeNode, self.ui.segmentsTable.segmentationNode(), record, folder)
+        except Exception as error:
+            logging.warning("R1Seg3D DICOM SEG export: %s", error)
+            self.showNotice(engine.describe_error(error))
+            return
+        self.showNotice(_("Exported as DICOM SEG: {path} (also added to the DICOM database).").format(path=path))
+
     def onUnloadModel(self) -> None:
         if self.chat.state is not chat.ChatState.IDLE:
             self.chat.mark_cancelled()
@@ -518,17 +679,25 @@ class R1Seg3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if (shown.GetID() if shown else None) != (segmentationNode.GetID() if segmentationNode else None):
             self.ui.segmentsTable.setSegmentationNode(segmentationNode)
             self.ui.show3DButton.setSegmentationNode(segmentationNode)
+        self.ui.exportDicomSegButton.enabled = segmentationNode is not None
         self.refreshProvenance()
 
-    def refreshProvenance(self) -> None:
-        """The record of the answer that made the selected segment, else of the latest answer."""
+    def shownRecord(self):
+        """(records of the shown segmentation, the record of the answer that made the selected segment, else of the
+        latest answer; None for a segment no answer made)."""
         segmentationNode = self.ui.segmentsTable.segmentationNode()
         records = provenance.records(segmentationNode) if segmentationNode is not None else []
         selected = list(self.ui.segmentsTable.selectedSegmentIDs()) if records else []
         if not records:
+            return records, None
+        return records, provenance.record_for_segment(segmentationNode, selected[0]) if selected else records[-1]
+
+    def refreshProvenance(self) -> None:
+        """The record of the answer that made the selected segment, else of the latest answer."""
+        records, record = self.shownRecord()
+        if not records:
             text = _("No answer has added segments to this CT yet.")
         else:
-            record = provenance.record_for_segment(segmentationNode, selected[0]) if selected else records[-1]
             text = provenance.describe(record) if record is not None else _(
                 "No R1Seg3D answer made this segment (it was added by hand or by another module).")
         if text != self.ui.provenanceView.toPlainText():  # the timer redraws often; keep the user's scroll position
@@ -548,6 +717,7 @@ class R1Seg3DSlicerLogic(ScriptedLoadableModuleLogic):
         ScriptedLoadableModuleLogic.__init__(self)
         self.session = session or engine.R1SegSession()   # reads volumes, writes answers, runs `process`
         self._servers = servers
+        self._download = None   # model_picker.ModelDownload while a model downloads
 
     @property
     def servers(self):
@@ -590,6 +760,77 @@ class R1Seg3DSlicerLogic(ScriptedLoadableModuleLogic):
         if not interactive or not slicer.util.confirmOkCancelDisplay(plan.consent_text(), windowTitle=_("R1Seg3D set-up")):
             return _("R1Seg3D cannot answer until it is set up; the next question asks again.")
         return setup_step.run_setup(plan)
+
+    # ---- models --------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def modelChoices() -> list:
+        """The registry's models that answer questions (model_picker.ModelChoice), each with its installed state."""
+        return model_picker.model_choices()
+
+    def startModelDownload(self, choice, confirm) -> bool:
+        """Download `choice` in a process of its own once `confirm(text)` agrees to its size and licence note
+        (model_picker.consent_text); False when declined. `pollDownload` from a timer then follows it."""
+        if self.downloading:
+            raise RuntimeError(_("A model is already downloading; wait for it or cancel it."))
+        if not confirm(model_picker.consent_text(choice)):
+            return False
+        self._download = model_picker.ModelDownload(choice.name)
+        self._download.start()
+        return True
+
+    @property
+    def downloading(self) -> bool:
+        return self._download is not None and self._download.running
+
+    def pollDownload(self) -> list:
+        """New events of the download: progress, then finished, failed or cancelled."""
+        return self._download.poll() if self._download is not None else []
+
+    def cancelDownload(self) -> None:
+        if self._download is not None:
+            self._download.cancel()
+
+    # ---- DICOM SEG -----------------------------------------------------------------------------------------
+
+    def exportDicomSeg(self, volumeNode, segmentationNode, record, folder: str) -> str:
+        """Export the answer of provenance `record` as a DICOM Segmentation through Slicer's exporter (the
+        DICOMSegmentationPlugin of Quantitative Reporting), into `folder` and the DICOM database; returns the file.
+        Raises dicom_export.ExportRefused saying why when it cannot be exported (dicom_export.py decides)."""
+        import glob
+
+        from R1Seg3DSlicerLib import dicom_export
+
+        database = slicer.dicomDatabase
+        export = dicom_export.check_exportable(volumeNode, segmentationNode, record.segment_ids,
+                                               database.fileForInstance if database else lambda uid: "")
+        try:
+            import DICOMSegmentationPlugin
+        except ImportError as error:
+            raise dicom_export.ExportRefused(_(
+                "DICOM SEG export needs Slicer's DICOM SEG exporter, which comes with the Quantitative Reporting"
+                " extension: install it from the Extensions Manager, restart Slicer and export again.")) from error
+        node = dicom_export.build_export_segmentation(
+            export, slicer.mrmlScene, _("{volume} R1Seg3D answer").format(volume=volumeNode.GetName()),
+            f"R1Seg3D {record.model_name}".strip())
+        before = set(glob.glob(os.path.join(folder, "*.dcm")))
+        try:
+            hierarchy = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(slicer.mrmlScene)
+            exporter = DICOMSegmentationPlugin.DICOMSegmentationPluginClass()
+            exportables = exporter.examineForExport(hierarchy.GetItemByDataNode(node))
+            if not exportables:
+                raise dicom_export.ExportRefused(_("Slicer's DICOM SEG exporter refused the answer: the CT's DICOM files"
+                                                   " are not all in the DICOM database. ") + dicom_export.LOAD_FROM_DICOM)
+            for exportable in exportables:
+                exportable.directory = folder
+                exportable.setTag("SeriesDescription", f"R1Seg3D: {record.question}"[:64])   # LO: 64 characters
+            failure = exporter.export(exportables)
+        finally:
+            slicer.mrmlScene.RemoveNode(node)
+        if failure:
+            raise RuntimeError(_("Slicer's DICOM SEG exporter failed: {failure}").format(failure=failure))
+        written = sorted(set(glob.glob(os.path.join(folder, "*.dcm"))) - before)
+        return written[-1] if written else folder
 
     # ---- questions -----------------------------------------------------------------------------------------
 
@@ -663,6 +904,9 @@ class R1Seg3DSlicerLogic(ScriptedLoadableModuleLogic):
             self._servers.release_volumes()
 
     def shutdown(self) -> None:
+        if self.downloading:   # ended with Slicer; the next Download resumes it
+            self.cancelDownload()
+            self.pollDownload()   # collects the ended process and removes its files
         if self._servers is not None:
             self._servers.shutdown()
 
@@ -670,7 +914,8 @@ class R1Seg3DSlicerLogic(ScriptedLoadableModuleLogic):
 class R1Seg3DSlicerTest(ScriptedLoadableModuleTest):
     """Runs inside Slicer (Reload and Test, or CTest). The blocking path uses a scripted stand-in for the model:
     factory machines have no GPU and no weights, and the point there is the scene. The panel's path starts a real
-    server process through PythonSlicer, one that cannot start, and checks that the panel can say why."""
+    server process through PythonSlicer, one that cannot start, and checks that the panel can say why; the model
+    picker lists the registry through PythonSlicer too."""
 
     def setUp(self):
         slicer.mrmlScene.Clear()
@@ -680,6 +925,8 @@ class R1Seg3DSlicerTest(ScriptedLoadableModuleTest):
         self.test_AnswerBecomesSegments()
         self.setUp()
         self.test_ServerStartFailureIsExplained()
+        self.setUp()
+        self.test_ModelPickerListsTheRegistry()
 
     def _obliqueVolume(self):
         import numpy as np
@@ -736,6 +983,14 @@ class R1Seg3DSlicerTest(ScriptedLoadableModuleTest):
         scene.revert_change(slicer.mrmlScene, secondChange)
         self.assertEqual(segmentationNode.GetSegmentation().GetNumberOfSegments(), 1)
         self.assertEqual(len(provenance.records(segmentationNode)), 1)
+
+    def test_ModelPickerListsTheRegistry(self):
+        """The picker's list comes from the engine's Python started through PythonSlicer, as the server does."""
+        choices = R1Seg3DSlicerLogic.modelChoices()
+        default = next(choice for choice in choices if choice.bundled)
+        self.assertTrue(default.installed)
+        self.assertEqual(default.folder_setting, "")
+        self.assertEqual(model_picker.choice_for_folder(choices, "/no/such/model"), model_picker.CUSTOM_FOLDER)
 
     def test_ServerStartFailureIsExplained(self):
         import time

@@ -1,10 +1,16 @@
-"""Ask R1Seg3D one question about a CT and save the answer as a segmentation file.
+"""Ask R1Seg3D about one CT, or about a list of CTs, and save the answers as segmentation files.
 
 Inside Slicer (same Logic code as the chat panel):
     Slicer --no-splash --no-main-window --ignore-slicerrc --python-script R1Seg3DSlicer/batch.py \\
         --input ct.nii.gz --question "segment the liver" --output liver.seg.nrrd
 With plain Python and the PyPI `slicer-core` wheel (how it is tested):
     python R1Seg3DSlicer/batch.py --input ct.nii.gz --question "..." --output out.seg.nrrd
+
+A list: `--list cases.txt` (one CT file or DICOM folder per line, relative to the list's folder; blank lines and
+lines starting with # skipped: the list `r1seg batch --input` reads, with its reader) and one or more `--question`
+(or `--questions-file`, one question per line), answered for every CT with one model load. Each answer goes to
+`OUTPUT_DIR/<case>/q<N>.seg.nrrd` and `OUTPUT_DIR/results.csv` gets one row per (CT, question, target), the table of
+`r1seg batch`; a CT or question that fails is an `error` row and the run goes on; running again skips what is done.
 
 The answer text goes to stdout, progress to stderr, and `--answer-json` writes the answer, each
 target's segment name, volume and voxel count, the timings and the device. The segmentation file is
@@ -60,9 +66,16 @@ def parse_arguments(argv):
     parser = argparse.ArgumentParser(
         prog="batch.py", description="Ask R1Seg3D one question about a CT and save the answer as a segmentation."
     )
-    parser.add_argument("--input", required=True, type=Path, help="CT volume file (NIfTI, NRRD, ...) or DICOM series folder")
-    parser.add_argument("--question", required=True, help='question in plain language, e.g. "segment the liver"')
-    parser.add_argument("--output", required=True, type=Path, help="segmentation file to write (.seg.nrrd)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--input", type=Path, help="CT volume file (NIfTI, NRRD, ...) or DICOM series folder")
+    source.add_argument("--list", type=Path,
+                        help="text file listing CTs, one CT file or DICOM folder per line (relative to the file's folder)")
+    parser.add_argument("--question", action="append",
+                        help='question in plain language, e.g. "segment the liver"; with --list, repeat it for several')
+    parser.add_argument("--questions-file", type=Path, help="with --list: a text file with one question per line")
+    parser.add_argument("--output", type=Path, help="with --input: segmentation file to write (.seg.nrrd)")
+    parser.add_argument("--output-dir", type=Path,
+                        help="with --list: folder for <case>/q<N>.seg.nrrd and results.csv (an existing one is resumed)")
     parser.add_argument("--model", default=None, help="model folder (default: the project's default model)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "gpu"], help="where the model runs")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
@@ -77,7 +90,20 @@ def parse_arguments(argv):
     parser.add_argument("--insecure", action="store_true",
                         help="with --server: allow plain http:// to another machine (the CT and token cross the network "
                              "unencrypted; for a private, trusted network only)")
-    return parser.parse_args(argv)
+    arguments = parser.parse_args(argv)
+    if arguments.input is not None:
+        wrong = [(arguments.output is None, "--input needs --output"),
+                 (len(arguments.question or ()) != 1 or arguments.questions_file is not None,
+                  "--input takes exactly one --question (several questions, or --questions-file: use --list)"),
+                 (arguments.output_dir is not None, "--output-dir goes with --list (--input writes --output)")]
+    else:
+        wrong = [(arguments.output_dir is None, "--list needs --output-dir"),
+                 (arguments.output is not None, "--output goes with --input (--list writes into --output-dir)"),
+                 (arguments.answer_json is not None, "--answer-json goes with --input (--list writes results.csv)")]
+    problems = [message for failed, message in wrong if failed]
+    if problems:
+        parser.error("; ".join(problems))
+    return arguments
 
 
 def _scene_and_volumes_logic():
@@ -173,43 +199,82 @@ def _save_segmentation(segmentation_node, path: Path) -> None:
         raise BatchError(EXIT_OUTPUT, f"Could not write the segmentation to {path}")
 
 
+def _model_folder(model):
+    """--model as `r1seg` reads it: a folder, or a model name from `r1seg models` that is installed."""
+    if model is None:
+        return None
+    from r1seg_core.registry import resolve_model
+
+    return str(resolve_model(model))
+
+
+def _asker(arguments, session, options, stderr):
+    """A function (volume node, question) -> (result, change, found) that asks the model loaded here, or the server
+    named by --server, and writes the answer's segments; engine errors come out as BatchError."""
+    client = None
+    if arguments.server:
+        from r1seg_core.server.protocol import read_token
+        from R1Seg3DSlicerLib import connection
+
+        # The panel's client: https to other machines (or --insecure), the API header, the version check.
+        client = connection.remote_client(arguments.server, read_token(arguments.token_file)
+                                          if arguments.token_file else "", arguments.insecure)
+        connection.check_health(client)
+
+    def ask(volume_node, question):
+        try:
+            if client is not None:
+                from R1Seg3DSlicerLib import server_client
+
+                result = server_client.ask_blocking(client, session.volume_from_node(volume_node), question, options,
+                                                    progress=_ProgressPrinter(stderr))
+                return (result, *session.write_answer(volume_node, result))
+            session.clear_conversation()   # each question on its own, as `r1seg batch` asks them
+            return session.process(volume_node, question, options, progress=_ProgressPrinter(stderr))
+        except Exception as error:
+            _raise_as_batch_error(error)
+
+    return ask
+
+
+def _raise_as_batch_error(error: Exception):
+    """Raise the BatchError of an error the engine explains to users; re-raise anything else (a bug: traceback)."""
+    failure = _engine_failure(error)
+    if failure is None:
+        raise error
+    raise failure from error
+
+
 def run(arguments, predictor_factory=None, stdout=sys.stdout, stderr=sys.stderr) -> int:
     _make_lib_importable()
     _check_versions()
-    from R1Seg3DSlicerLib import engine, scene
+    from R1Seg3DSlicerLib import engine
 
     mrml_scene, volumes_logic, _keep_alive = _scene_and_volumes_logic()
-    volume_node = _load_volume(volumes_logic, arguments.input)
-    options = engine.AskOptions(
-        model_dir=arguments.model,
-        device="cuda" if arguments.device == "gpu" else arguments.device,
-        dtype=arguments.dtype,
-        overlap=arguments.overlap,
-        loops=arguments.loops,
-    )
     session = engine.R1SegSession(predictor_factory=predictor_factory)
-    started = time.monotonic()
     try:
-        if arguments.server:
-            from r1seg_core.server.protocol import read_token
-            from R1Seg3DSlicerLib import connection, server_client
-
-            # The panel's client: https to other machines (or --insecure), the API header, the version check.
-            client = connection.remote_client(arguments.server, read_token(arguments.token_file)
-                                              if arguments.token_file else "", arguments.insecure)
-            connection.check_health(client)
-            result = server_client.ask_blocking(client, session.volume_from_node(volume_node), arguments.question,
-                                                options, progress=_ProgressPrinter(stderr))
-            change, found = session.write_answer(volume_node, result)
-        else:
-            result, change, found = session.process(
-                volume_node, arguments.question, options, progress=_ProgressPrinter(stderr)
-            )
+        options = engine.AskOptions(
+            model_dir=_model_folder(arguments.model),
+            device="cuda" if arguments.device == "gpu" else arguments.device,
+            dtype=arguments.dtype,
+            overlap=arguments.overlap,
+            loops=arguments.loops,
+        )
+        ask = _asker(arguments, session, options, stderr)
     except Exception as error:
-        failure = _engine_failure(error)
-        if failure is None:
-            raise
-        raise failure from error
+        _raise_as_batch_error(error)
+    if arguments.list is not None:
+        return run_list(arguments, ask, mrml_scene, volumes_logic, stdout, stderr)
+    return run_one(arguments, ask, mrml_scene, volumes_logic, stdout)
+
+
+def run_one(arguments, ask, mrml_scene, volumes_logic, stdout) -> int:
+    from R1Seg3DSlicerLib import scene
+
+    question = arguments.question[0]
+    volume_node = _load_volume(volumes_logic, arguments.input)
+    started = time.monotonic()
+    result, change, found = ask(volume_node, question)
 
     if change is None:
         # Nothing to write: still produce a (segment-less) segmentation on the CT's grid.
@@ -225,7 +290,7 @@ def run(arguments, predictor_factory=None, stdout=sys.stdout, stderr=sys.stderr)
 
     if arguments.answer_json is not None:
         summary = {
-            "question": arguments.question,
+            "question": question,
             "input": str(arguments.input),
             "output": str(arguments.output),
             "answer": result.answer,
@@ -250,6 +315,73 @@ def run(arguments, predictor_factory=None, stdout=sys.stdout, stderr=sys.stderr)
         except OSError as error:
             raise BatchError(EXIT_OUTPUT, f"Could not write {arguments.answer_json}: {error}") from error
     return EXIT_OK
+
+
+def run_list(arguments, ask, mrml_scene, volumes_logic, stdout, stderr) -> int:
+    """Every question about every CT of --list, into --output-dir: `r1seg batch`'s list reader, question reader and
+    results table (resume included); one model load for the whole run."""
+    from r1seg_core.batch import ERROR, ResultsTable, find_cases, read_questions
+    from r1seg_core.errors import InvalidInputError
+
+    try:
+        cases = find_cases(arguments.list)
+        questions = read_questions(arguments.question, arguments.questions_file and str(arguments.questions_file))
+    except InvalidInputError as error:
+        raise BatchError(EXIT_INPUT, str(error)) from error
+    out = arguments.output_dir
+    out.mkdir(parents=True, exist_ok=True)
+    table = ResultsTable(out)
+    numbered = [(f"q{number}", question) for number, question in enumerate(questions, start=1)]
+    errors = 0
+    for case in cases:
+        pending = [(question_id, question) for question_id, question in numbered if not table.done(case, question_id, out)]
+        if not pending:
+            print(f"[R1Seg3D] {case.case_id}: answered before, skipped", file=stderr)
+            continue
+        try:
+            volume_node = _load_volume(volumes_logic, case.ct)
+        except BatchError as error:
+            volume_node, unreadable = None, error
+        for question_id, question in pending:
+            started = time.monotonic()
+            base = dict(case=case.case_id, ct=str(case.ct), question_id=question_id, question=question)
+            try:
+                if volume_node is None:
+                    raise unreadable
+                rows = _answer_rows(ask, mrml_scene, volume_node, question, out, Path(case.case_id) / f"{question_id}.seg.nrrd",
+                                    base, started)
+            except BatchError as error:   # this answer fails, the run goes on
+                errors += 1
+                rows = [dict(base, target="", status=ERROR, volume_ml="", voxel_count="",
+                             seconds=round(time.monotonic() - started, 2), output="", answer="", error=str(error))]
+            table.replace(case, question_id, rows)
+            print(f"[R1Seg3D] {case.case_id} {question_id}: " + ", ".join(
+                f"{row['target']} {row['status']}" if row["status"] != ERROR else f"error: {row['error']}" for row in rows),
+                file=stderr)
+        if volume_node is not None:
+            mrml_scene.RemoveNode(volume_node)
+    print(f"wrote {table.path} ({len(table.rows)} rows; {errors} errors in this run)", file=stdout)
+    return EXIT_OK
+
+
+def _answer_rows(ask, mrml_scene, volume_node, question, out: Path, output: Path, base: dict, started: float) -> list:
+    """Ask, save the answer's segments in their own file, and return its rows of results.csv (one per target)."""
+    from R1Seg3DSlicerLib import scene
+
+    result, change, found = ask(volume_node, question)
+    if change is None:
+        change = scene.write_segments(volume_node, [])
+    segmentation_node = mrml_scene.GetNodeByID(change.segmentation_node_id)
+    _save_segmentation(segmentation_node, out / output)
+    mrml_scene.RemoveNode(segmentation_node)   # the next question of this CT writes a file of its own
+    seconds = round(time.monotonic() - started, 2)
+    answered = dict(base, seconds=seconds, output=str(output), answer=result.answer, error="")
+    if not result.targets:   # the question named nothing the model could segment: still one row, so it is done
+        from r1seg_core.inference.result import NOT_UNDERSTOOD
+
+        return [dict(answered, target="", status=NOT_UNDERSTOOD, volume_ml="", voxel_count=0)]
+    return [dict(answered, target=target.name, status=target.status, volume_ml=round(entry.volume_ml, 3),
+                 voxel_count=entry.voxel_count) for target, entry in zip(result.targets, found)]
 
 
 def main(argv=None, predictor_factory=None, stdout=sys.stdout, stderr=sys.stderr) -> int:

@@ -241,3 +241,100 @@ def test_batch_inside_an_old_slicer_says_which_slicer_it_needs(shared_ct, tmp_pa
     code, _, stderr = run_batch(["--input", shared_ct / SMALL_CT, "--question", "segment the liver",
                                  "--output", tmp_path / "o.seg.nrrd"], lambda *args: LiverPredictor())
     assert code == batch.EXIT_DEPENDENCIES and "5.10 or newer" in stderr and "download.slicer.org" in stderr
+
+
+# ---- a list of CTs (--list): r1seg batch's reader and results table --------------------------------------------
+
+
+THREE_SLICE_DICOM = "dcmqi_ct3slice/ct-3slice"
+
+
+class DecidingPredictor:
+    """A liver block, present, for a question naming the liver; nothing (absent) for anything else. Counts questions."""
+
+    asked = []
+
+    def __init__(self, folder=None, device="cpu", dtype="auto"):
+        pass
+
+    def ask(self, volume, question, *, conversation=None, progress=None, cancel=None, **options):
+        DecidingPredictor.asked.append((volume.array.shape, question))
+        if "bile" in question:   # names no structure: an answer without targets
+            return SimpleNamespace(answer="No structure was found in the question.", present=False, targets=[],
+                                   timings={}, notes=[], device="cpu")
+        mask = np.zeros(volume.array.shape, np.uint8)
+        liver = "liver" in question
+        if liver:
+            mask[0:2, 10:20, 10:30] = 1
+        target = SimpleNamespace(name="liver" if liver else "gallbladder", mask=mask, probability=None,
+                                 volume_ml=float(mask.sum()) * 0.5, voxel_count=int(mask.sum()),
+                                 status="present" if liver else "absent")
+        return SimpleNamespace(answer="Found." if liver else "Not in this scan.", present=liver, targets=[target],
+                               timings={}, notes=[], device="cpu")
+
+
+def read_rows(out):
+    import csv
+
+    with open(out / "results.csv", newline="", encoding="utf-8") as stream:
+        return list(csv.DictReader(stream))
+
+
+def test_batch_list_answers_every_ct_and_question_once_and_a_second_run_skips_them(shared_ct, tmp_path):
+    cases = tmp_path / "cases.txt"
+    # one path relative to the list's folder, one absolute; a comment and a blank line
+    (tmp_path / "cts").symlink_to(shared_ct / "totalseg_example")
+    cases.write_text(f"# two CTs\ncts/example_ct_sm.nii.gz\n\n{shared_ct / THREE_SLICE_DICOM}\n")
+    out = tmp_path / "out"
+    arguments = ["--list", cases, "--question", "segment the liver", "--question", "is there a gallbladder?",
+                 "--output-dir", out]
+    DecidingPredictor.asked = []
+    code, stdout, stderr = run_batch(arguments, lambda folder, device, dtype: DecidingPredictor())
+    assert code == batch.EXIT_OK, stderr
+    assert len(DecidingPredictor.asked) == 4 and "4 rows; 0 errors" in stdout
+    rows = read_rows(out)
+    assert [(r["case"], r["question_id"], r["target"], r["status"]) for r in rows] == [
+        ("example_ct_sm", "q1", "liver", "present"), ("example_ct_sm", "q2", "gallbladder", "absent"),
+        ("ct-3slice", "q1", "liver", "present"), ("ct-3slice", "q2", "gallbladder", "absent")]
+    # Each answer has a file of its own, on its CT's grid: the liver only in q1's, nothing in q2's.
+    for ct, case in ((shared_ct / SMALL_CT, "example_ct_sm"), (shared_ct / THREE_SLICE_DICOM / "01.dcm", "ct-3slice")):
+        liver = read_segmentation(out / case / "q1.seg.nrrd", ct)
+        assert list(liver) == ["liver"] and int(liver["liver"].sum()) == 2 * 10 * 20
+        assert np.array_equal(np.argwhere(liver["liver"]).min(0), [0, 10, 10])
+        assert read_segmentation(out / case / "q2.seg.nrrd", ct) == {}
+    assert {r["voxel_count"] for r in rows if r["status"] == "present"} == {str(2 * 10 * 20)}
+
+    DecidingPredictor.asked = []
+    code, stdout, stderr = run_batch(arguments, lambda folder, device, dtype: DecidingPredictor())
+    assert code == batch.EXIT_OK and DecidingPredictor.asked == [] and stderr.count("answered before, skipped") == 2
+    assert read_rows(out) == rows
+
+
+def test_batch_list_records_a_bad_ct_as_an_error_row_and_goes_on(shared_ct, tmp_path):
+    cases = tmp_path / "cases.txt"
+    cases.write_text(f"missing_ct.nii.gz\n{shared_ct / SMALL_CT}\n")
+    questions = tmp_path / "questions.txt"
+    questions.write_text("segment the liver\n# a comment\nwhich organ stores bile?\n")
+    out = tmp_path / "out"
+    arguments = ["--list", cases, "--questions-file", questions, "--output-dir", out]
+    code, stdout, stderr = run_batch(arguments, lambda folder, device, dtype: DecidingPredictor())
+    assert code == batch.EXIT_OK, stderr
+    bad1, bad2, good, no_target = read_rows(out)
+    assert {bad1["status"], bad2["status"]} == {"error"} and "Input not found" in bad1["error"]
+    assert bad1["case"] == "missing_ct"
+    assert good["status"] == "present" and (out / good["output"]).is_file()
+    # A question naming no structure still has its row (and file), so a second run does not ask it again.
+    assert (no_target["question_id"], no_target["target"], no_target["status"]) == ("q2", "", "not_understood")
+    DecidingPredictor.asked = []
+    run_batch(arguments, lambda folder, device, dtype: DecidingPredictor())
+    assert DecidingPredictor.asked == []   # the missing CT's rows are errors: retried, but it is still missing
+
+
+@pytest.mark.parametrize("arguments, problem", [
+    (["--list", "cases.txt", "--question", "q"], "--list needs --output-dir"),
+    (["--input", "ct.nii.gz", "--question", "a", "--question", "b", "--output", "o.seg.nrrd"], "exactly one --question"),
+    (["--list", "cases.txt", "--question", "q", "--output-dir", "o", "--output", "x.seg.nrrd"], "--output goes with --input"),
+])
+def test_batch_list_and_single_ct_options_do_not_mix(arguments, problem, capsys):
+    assert batch.main(arguments, stderr=io.StringIO()) == batch.EXIT_USAGE
+    assert problem in capsys.readouterr().err   # argparse's own message, on stderr

@@ -304,7 +304,7 @@ def test_widget_uses_only_slicer_qt_ctk():
     # vtk only for observer event ids, importlib and sys to reload the Lib; the Lib modules are plain Python (no GUI
     # toolkit at all).
     assert used <= {"qt", "ctk", "slicer", "vtk", "logging", "importlib", "sys", "_", "chat", "engine", "provenance",
-                    "scene", "events", "LIB_MODULES", "ScriptedLoadableModuleWidget", "VTKObservationMixin"}, used
+                    "scene", "events", "model_picker", "LIB_MODULES", "ScriptedLoadableModuleWidget", "VTKObservationMixin"}, used
     assert not imported_roots(ast.walk(widget))  # no imports hidden inside the widget
 
 

@@ -39,6 +39,7 @@ class RemoteTarget:
     mask: np.ndarray
     volume_ml: float
     voxel_count: int
+    status: str         # the engine's decision (r1seg_core/inference/decision.py): present, absent or not_trained
 
 
 @dataclass
@@ -62,7 +63,7 @@ def server_options(options) -> dict:
 def fetch_answer(client, job_id: str) -> RemoteAnswer:
     summary = client.result(job_id)
     targets = [RemoteTarget(target["name"], mask_from_nrrd_bytes(client.mask(job_id, index)), float(target["volume_ml"]),
-                            int(target["voxel_count"])) for index, target in enumerate(summary["targets"])]
+                            int(target["voxel_count"]), target["status"]) for index, target in enumerate(summary["targets"])]
     return RemoteAnswer(summary["answer"], bool(summary["present"]), targets, list(summary["notes"]),
                         dict(summary["timings_s"]), summary["device"], summary["profile"])
 

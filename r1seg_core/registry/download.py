@@ -62,8 +62,10 @@ def downloads_folder(entry: ModelEntry) -> Path:
     return cache_folder() / "downloads" / entry.name
 
 
-def install(entry: ModelEntry, keep_download: bool = False, log=print) -> Path:
-    """Download, check and convert `entry`; returns its model folder. An installed model is left as it is."""
+def install(entry: ModelEntry, keep_download: bool = False, log=print, progress=None) -> Path:
+    """Download, check and convert `entry`; returns its model folder. An installed model is left as it is.
+    `progress(done_bytes, total_bytes, file_name)`, when given, follows the download (bytes already on disk from an
+    interrupted run count as done) and replaces huggingface_hub's progress bar."""
     if entry.bundled or entry.installed:
         log(f"{entry.name} is installed: {entry.folder}")
         return entry.folder
@@ -76,7 +78,13 @@ def install(entry: ModelEntry, keep_download: bool = False, log=print) -> Path:
     check_disk_space(files, root)
     total = sum(file.size for file in files)
     log(f"  {len(files)} files, {total / GB:.3f} GB")
-    checked = {(file.source.role, file.name): _fetch(file, root / file.source.role) for file in files}
+    checked, done = {}, 0
+    for file in files:
+        received = (lambda count, before=done, name=file.name: progress(before + count, total, name)) if progress else None
+        checked[file.source.role, file.name] = _fetch(file, root / file.source.role, received)
+        done += file.size
+        if progress:
+            progress(done, total, file.name)
     folder = _convert(entry, root, files, checked)
     if not keep_download:
         shutil.rmtree(root, ignore_errors=True)
@@ -148,11 +156,12 @@ def _part(target: Path) -> Path:
     return target.with_name(target.name + PART_SUFFIX)
 
 
-def _fetch(file: RemoteFile, folder: Path) -> str:
+def _fetch(file: RemoteFile, folder: Path, received=None) -> str:
     """Download one file and return its SHA-256 once it matches what is expected. The bytes go to `NAME.part`,
     which survives an interrupted run: the next run asks only for the rest (an HTTP range). huggingface_hub's own
     download deletes a partial file when it fails, so it resumes only within one run; its `http_get` does the
-    transfer here (same session: token, proxies, retries, progress bar)."""
+    transfer here (same session: token, proxies, retries, progress bar). `received(bytes of this file on disk)`, when
+    given, is called as the bytes arrive, instead of the progress bar."""
     from huggingface_hub import hf_hub_url
     from huggingface_hub.file_download import http_get
     from huggingface_hub.utils import build_hf_headers
@@ -166,7 +175,7 @@ def _fetch(file: RemoteFile, folder: Path) -> str:
         url = hf_hub_url(file.source.repo, file.name, revision=file.commit, endpoint=hub_endpoint())
         with hub_errors(f"{file.source.repo}/{file.name}", folder), open(part, "ab") as stream:
             http_get(url, stream, resume_size=stream.tell(), headers=build_hf_headers(), expected_size=file.size,
-                     displayed_filename=file.name)
+                     displayed_filename=file.name, tqdm_class=_reporting_bar(received) if received else None)
         os.replace(part, target)
     digest = file_sha256(target)
     wrong = (file.sha256 and digest != file.sha256) or (file.blob_id and _git_blob_id(target) != file.blob_id)
@@ -177,6 +186,24 @@ def _fetch(file: RemoteFile, folder: Path) -> str:
                             f"{expected} was expected. The file was deleted and nothing was installed. Run the command "
                             f"again; if it happens again, the server ({hub_endpoint()}) serves a damaged or different file")
     return digest
+
+
+def _reporting_bar(received):
+    """A silent tqdm class for http_get that tells `received` how many bytes of the file are on disk: http_get starts
+    it at the resumed size and advances it by each chunk written (backwards when a retry starts over)."""
+    from tqdm import tqdm
+
+    class ReportingBar(tqdm):
+        def __init__(self, *args, **kwargs):
+            self.bytes_on_disk = kwargs.get("initial", 0)
+            super().__init__(*args, **{**kwargs, "disable": True})
+
+        def update(self, n=1):
+            self.bytes_on_disk += n
+            received(self.bytes_on_disk)
+            return super().update(n)
+
+    return ReportingBar
 
 
 def _git_blob_id(path: Path) -> str:
