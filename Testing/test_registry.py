@@ -308,3 +308,17 @@ def test_every_command_taking_a_model_resolves_names_the_same_way(hub, capsys, a
     model = ["r1seg3d-phi3"] if argv == ["info"] else ["--model", "r1seg3d-phi3"]
     assert r1seg([*argv, *model]) == 2
     assert "r1seg models get r1seg3d-phi3" in error_line(capsys)
+
+
+def test_listing_the_models_needs_no_torch():
+    """Slicer's own process reads the list and each model's installed state; importing torch there is what the
+    panel must never do (it would load a second, possibly incompatible torch into Slicer)."""
+    import subprocess
+    import sys
+
+    probe = ("import sys; from r1seg_core.registry import load_registry; "
+             "print(sorted(e.name for e in load_registry().values() if e.installed), 'torch' in sys.modules)")
+    output = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
+                            cwd=Path(__file__).resolve().parents[1]).stdout
+    assert output.strip().endswith("False"), output
+    assert "'default'" in output

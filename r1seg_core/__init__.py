@@ -2,6 +2,7 @@
 
 Heavy modules (torch, transformers) load on first use, so `import r1seg_core` stays cheap for Slicer.
 """
+import os
 from pathlib import Path
 
 __version__ = "0.1.0"
@@ -13,6 +14,12 @@ SAMPLE_CT_PATH = Path(__file__).resolve().parent / "data" / "sample_ct.nii.gz"
 def default_model_path() -> Path:
     """The model `r1seg ask` and the Slicer module use when none is given (ships with the package)."""
     return DEFAULT_MODEL_DIR
+
+
+def cache_folder() -> Path:
+    """Where R1Seg3D keeps what it derives or downloads (dequantised base weights, registry models):
+    $R1SEG_CACHE, else ~/.cache/r1seg3d. Here so that listing models needs no torch (the Slicer panel's process)."""
+    return Path(os.environ.get("R1SEG_CACHE") or Path.home() / ".cache" / "r1seg3d")
 
 
 def sample_ct_path() -> Path:
@@ -38,4 +45,4 @@ def __getattr__(name):
 
 
 __all__ = ["AnswerResult", "Conversation", "Predictor", "R1Seg3D", "TargetResult", "Volume", "build_model",
-           "default_model_path", "load_model", "preset_config", "read_volume", "sample_ct_path"]
+           "cache_folder", "default_model_path", "load_model", "preset_config", "read_volume", "sample_ct_path"]

@@ -18,6 +18,7 @@ import tempfile
 from functools import lru_cache
 from pathlib import Path
 
+from .. import cache_folder
 from ..errors import CheckpointError
 
 REQUIRED_KEYS = ("module", "file")
@@ -68,11 +69,6 @@ def from_pretrained_arguments(spec: dict) -> tuple[Path, dict]:
         # transformers dequantises GGUF weights into a regular model of the requested dtype.
         return path.parent, {"local_files_only": True, "gguf_file": path.name}
     raise CheckpointError(f"{path}: packaged weights must be a Hugging Face folder or a .gguf file")
-
-
-def cache_folder() -> Path:
-    """Where dequantised base weights are kept: $R1SEG_CACHE, else ~/.cache/r1seg3d."""
-    return Path(os.environ.get("R1SEG_CACHE") or Path.home() / ".cache" / "r1seg3d")
 
 
 def dequantised_folder(spec: dict) -> Path | None:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import InvalidInputError
-from ..model.packaged import cache_folder
+from .. import cache_folder
 
 BUNDLED_REGISTRY = Path(__file__).resolve().parent / "models.json"
 REGISTRY_VARIABLE = "R1SEG_REGISTRY"

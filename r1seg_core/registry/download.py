@@ -22,7 +22,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from ..errors import CancelledError, R1SegError
-from ..model.packaged import cache_folder, file_sha256
+from .. import cache_folder
+from ..model.packaged import file_sha256
 from .catalogue import RECORD_NAME, ModelEntry, Source
 
 # A repository that has its weights as safetensors also keeps pickled copies in some releases: never download both.
