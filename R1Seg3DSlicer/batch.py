@@ -375,13 +375,11 @@ def _answer_rows(ask, mrml_scene, volume_node, question, out: Path, output: Path
     _save_segmentation(segmentation_node, out / output)
     mrml_scene.RemoveNode(segmentation_node)   # the next question of this CT writes a file of its own
     seconds = round(time.monotonic() - started, 2)
-    answered = dict(base, seconds=seconds, output=str(output), answer=result.answer, error="")
-    if not result.targets:   # the question named nothing the model could segment: still one row, so it is done
-        from r1seg_core.inference.result import NOT_UNDERSTOOD
+    from r1seg_core.batch import answer_rows
 
-        return [dict(answered, target="", status=NOT_UNDERSTOOD, volume_ml="", voxel_count=0)]
-    return [dict(answered, target=target.name, status=target.status, volume_ml=round(entry.volume_ml, 3),
-                 voxel_count=entry.voxel_count) for target, entry in zip(result.targets, found)]
+    return answer_rows(dict(base, seconds=seconds, output=str(output), answer=result.answer, error=""),
+                       [(target.name, target.status, entry.volume_ml, entry.voxel_count)
+                        for target, entry in zip(result.targets, found)])
 
 
 def main(argv=None, predictor_factory=None, stdout=sys.stdout, stderr=sys.stderr) -> int:

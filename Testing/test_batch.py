@@ -97,3 +97,16 @@ def test_mps_asked_for_without_one_is_a_clear_refusal():
     with pytest.raises(InvalidInputError, match="'mps' was asked for"):
         resolve_device("mps")
     assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def test_a_question_naming_no_structure_is_one_row_and_not_asked_again(shared_ct, tiny_model, tmp_path, capsys):
+    listing = tmp_path / "cts.txt"
+    listing.write_text(f"{shared_ct / 'totalseg_example' / 'example_ct_sm.nii.gz'}\n")
+    run = ["batch", "--input", str(listing), "--question", "Which organ stores bile?", "--out", str(tmp_path / "out"),
+           "--model", str(tiny_model), "--no-sliding-window"]
+    assert r1seg(run) == 0
+    rows = read_rows(tmp_path / "out")
+    assert [(r["target"], r["status"], r["voxel_count"]) for r in rows] == [("", "not_understood", "0")]
+    assert "bile" in rows[0]["answer"] and "bile" in capsys.readouterr().err
+    assert r1seg(run) == 0
+    assert "1 done before, 0 to answer" in capsys.readouterr().err

@@ -131,9 +131,9 @@ def run_batch(args) -> int:
 
             result.write(out / output, volume, segment_colors(result))
             seconds = round(time.perf_counter() - start, 2)
-            rows = [dict(base, target=t.name, status=t.status, volume_ml=round(t.volume_ml, 3), voxel_count=t.voxel_count,
-                         seconds=seconds, output=str(output), answer=result.answer, error="") for t in result.targets]
-            line = ", ".join(f"{t.name} {t.status} {t.volume_ml:.1f} mL" for t in result.targets)
+            rows = answer_rows(dict(base, seconds=seconds, output=str(output), answer=result.answer, error=""),
+                               [(t.name, t.status, t.volume_ml, t.voxel_count) for t in result.targets])
+            line = ", ".join(f"{t.name} {t.status} {t.volume_ml:.1f} mL" for t in result.targets) or result.answer
         except (R1SegError, RuntimeError, ValueError, OSError) as error:   # this answer fails, the run goes on
             errors += 1
             seconds = round(time.perf_counter() - start, 2)
@@ -144,6 +144,17 @@ def run_batch(args) -> int:
         print(f"[{number}/{len(todo)}] {case.case_id} {question_id}: {line} ({seconds:.1f} s)", file=sys.stderr)
     print(f"wrote {table.path} ({len(table.rows)} rows; {errors} errors in this run)")
     return 0
+
+
+def answer_rows(answered: dict, targets: list[tuple[str, str, float, int]]) -> list[dict]:
+    """The rows of one answer, from its (name, status, volume in mL, voxels) per target. A question that named
+    nothing the model could segment still gets one row, so that a resumed run counts it as answered."""
+    from .inference.result import NOT_UNDERSTOOD
+
+    if not targets:
+        return [dict(answered, target="", status=NOT_UNDERSTOOD, volume_ml="", voxel_count=0)]
+    return [dict(answered, target=name, status=status, volume_ml=round(volume_ml, 3), voxel_count=voxels)
+            for name, status, volume_ml, voxels in targets]
 
 
 def _load_predictor(args):
