@@ -2,8 +2,9 @@
 
 The list is the engine's registry as `r1seg models --json` prints it, so the panel and the command line always
 agree on names, folders, sizes and licences. Both it and the download run OUT of Slicer's process, with the
-engine's Python (the one the server runs with): reading the registry imports torch (through r1seg_core.model),
-which Slicer's process must not load before the set-up, and a download must not block or crash Slicer. The
+engine's Python (the one the server runs with): the list is then the registry of the engine that will load the
+model, with its cache settings, even before the set-up has put that engine on Slicer's own path; and a download
+must not block or crash Slicer. The
 download (`r1seg models get NAME --progress-json`) writes its JSON lines to a file the panel reads from a timer
 (no thread: Slicer's main thread starves Python threads, issue #13). Cancel ends the whole process tree (process_tree.py); the bytes already downloaded stay, and
 the next Download resumes them. Every failure is the command's own one-line message. No Qt here.
