@@ -328,10 +328,11 @@ def test_named_trainable_groups_replace_the_stage_default():
     assert names == [n for n, _ in sam.named_parameters() if n.startswith("text_encoder.dim_align.")] and names
 
 
-@pytest.mark.parametrize("tied", [True, False])
-def test_added_token_rows_start_at_the_mean_of_the_old_rows(tied):
-    """The resize skips transformers' random draw of the new rows (a load-time cost), so the rows it leaves must
-    all be set: old rows kept, each added row the mean of the old ones, in the input and output embeddings."""
+@pytest.mark.parametrize("tied,draw", [(True, True), (False, True), (True, False), (False, False)])
+def test_added_token_rows_start_at_the_mean_of_the_old_rows(tied, draw):
+    """A load skips transformers' random draw of the new rows (draw=False), so the rows it leaves must all be set:
+    old rows kept, each added row the mean of the old ones, in the input and output embeddings. A fresh model
+    draws them (and so consumes the random stream as before): the same rows come out."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from r1seg_core.model.language_model import add_special_tokens
@@ -345,7 +346,7 @@ def test_added_token_rows_start_at_the_mean_of_the_old_rows(tied):
     causal_lm = AutoModelForCausalLM.from_config(config)
     before_in = causal_lm.get_input_embeddings().weight.detach().clone()
     before_out = causal_lm.get_output_embeddings().weight.detach().clone()
-    added = add_special_tokens(tokenizer, causal_lm)
+    added = add_special_tokens(tokenizer, causal_lm, draw_added_rows=draw)
     assert added > 0 and len(tokenizer) == before_in.shape[0] + added
     for weight, before in ((causal_lm.get_input_embeddings().weight, before_in),
                            (causal_lm.get_output_embeddings().weight, before_out)):

@@ -84,11 +84,14 @@ def preset_config(name: str, **overrides) -> R1Seg3DConfig:
     return dataclasses.replace(config, **overrides).validate()
 
 
-def build_model(config: R1Seg3DConfig, tokenizer=None, text_tokenizer=None, dtype: torch.dtype | None = None) -> R1Seg3D:
+def build_model(config: R1Seg3DConfig, tokenizer=None, text_tokenizer=None, dtype: torch.dtype | None = None,
+                weights_follow: bool = False) -> R1Seg3D:
     """Build a model with fresh weights (pretrained LLM / text encoder weights when their config names a folder).
 
     Without a tokenizer, one is read from the LLM folder or, for configs without a folder, the project's small
     tokenizer is built. `tokenizer=False` builds a shape-only model (paper sizes on the `meta` device).
+    `weights_follow`: every weight is read from a file right after (checkpoint.load_model), so nothing is drawn at
+    random; a fresh model keeps its draws, and with them the random stream seeded training relies on.
     """
     config = deepcopy(config)
     language_model = None
@@ -105,7 +108,7 @@ def build_model(config: R1Seg3DConfig, tokenizer=None, text_tokenizer=None, dtyp
             vocab = causal_lm.config.vocab_size
             config.token_ids = dict(image=vocab - 4, seg=vocab - 1, eos=vocab - 5, pad=vocab - 5, bos=None)
         else:
-            add_special_tokens(tokenizer, causal_lm)
+            add_special_tokens(tokenizer, causal_lm, draw_added_rows=not weights_follow)
             config.token_ids = dataclasses.asdict(TokenIds.from_tokenizer(tokenizer))
             causal_lm.config.pad_token_id = config.token_ids["pad"]
         language_model = LanguageModel(causal_lm)

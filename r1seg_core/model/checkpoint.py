@@ -207,7 +207,7 @@ def load_model(folder: Path, device="cpu", dtype: torch.dtype | None = None):
     # Built directly in the requested dtype, and without random initialisation: every weight is read from the
     # folder, and initialising a Phi-3-size model first costs over a minute on a CPU.
     with weight_init_skipped():
-        model = build_model(config, tokenizer=tokenizer, text_tokenizer=text_tokenizer, dtype=dtype)
+        model = build_model(config, tokenizer=tokenizer, text_tokenizer=text_tokenizer, dtype=dtype, weights_follow=True)
     if model.config.token_ids != config.token_ids:
         raise CheckpointError(f"the tokenizer in {folder} gives token ids {model.config.token_ids} but config.json says "
                               f"{config.token_ids}: tokenizer and weights do not belong together")

@@ -7,7 +7,7 @@ final norm, the states the LM head sees) from which the `[SEG]` embedding is pic
 from __future__ import annotations
 
 import inspect
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -82,10 +82,12 @@ def _cache_argument(decoder) -> str:
     return "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
 
 
-def add_special_tokens(tokenizer, causal_lm) -> int:
+def add_special_tokens(tokenizer, causal_lm, draw_added_rows: bool = True) -> int:
     """Add `<im_patch>`, the box tokens and `[SEG]`; new embedding rows start at the mean of the old ones.
 
     Returns how many tokens were added. The order matches the original release so ids line up.
+    `draw_added_rows=False` skips transformers' random draw of every row of the resized matrices (0.3 s at SmolLM2
+    size), for a model loaded from a checkpoint; a fresh model keeps it, so seeded runs draw the same numbers.
     """
     vocab = tokenizer.get_vocab()        # a copy of 49k-150k entries each call: read once
     specials = [t for t in (IMAGE_TOKEN, *BOX_TOKENS) if t not in vocab]
@@ -96,7 +98,7 @@ def add_special_tokens(tokenizer, causal_lm) -> int:
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
     old_rows = causal_lm.get_input_embeddings().weight.shape[0]
     if len(tokenizer) != old_rows:
-        with _embedding_init_skipped(causal_lm):
+        with nullcontext() if draw_added_rows else _embedding_init_skipped(causal_lm):
             causal_lm.resize_token_embeddings(len(tokenizer), mean_resizing=False)
         with torch.no_grad():
             for embeddings in (causal_lm.get_input_embeddings(), causal_lm.get_output_embeddings()):
@@ -109,7 +111,7 @@ def add_special_tokens(tokenizer, causal_lm) -> int:
 @contextmanager
 def _embedding_init_skipped(causal_lm):
     """transformers draws every row of a resized embedding and LM head at random before copying the old rows back;
-    the added rows are set just after, so that draw (0.3 s of each load at SmolLM2 size) is skipped."""
+    the added rows are set just after, so that draw is skipped."""
     causal_lm._init_weights = lambda module: None      # an instance attribute shadows the class's initialiser
     try:
         yield
