@@ -18,6 +18,7 @@ Security, in the order a request meets it (see README "Server"):
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gc
 import hmac
 import json
@@ -41,6 +42,7 @@ from .. import __version__
 from ..errors import InvalidInputError
 from . import protocol
 from .jobs import BusyError, JobQueue, ModelHost, ServeSettings
+from .memory import mapped_copy
 
 log = logging.getLogger("r1seg.serve")
 
@@ -433,7 +435,9 @@ def create_app(settings: ServeSettings, token: str | None = None, max_upload_byt
 def _read_ct(data: bytes, max_ct_bytes: int):
     from .nrrd import volume_from_nrrd_bytes
 
-    return volume_from_nrrd_bytes(data, name="uploaded CT", max_decoded_bytes=max_ct_bytes)
+    volume = volume_from_nrrd_bytes(data, name="uploaded CT", max_decoded_bytes=max_ct_bytes)
+    # Stored across questions: in the heap it would keep the questions' freed buffers resident (memory.py).
+    return dataclasses.replace(volume, array=mapped_copy(volume.array))
 
 
 def _labelmap_bytes(labels, reference, names, colors, suffix: str) -> bytes:

@@ -26,6 +26,7 @@ import numpy as np
 from ..errors import CancelledError, R1SegError
 from ..volume import Volume
 from . import protocol
+from .memory import return_free_heap_memory
 
 log = logging.getLogger("r1seg.serve")
 
@@ -376,7 +377,10 @@ class JobQueue:
                     job.state = protocol.DONE
                     job.stage = "done"
                     self._finish(job)
+                # The job owns the answer; kept here, its masks would outlive their fetch until the next question.
+                result = None
                 self._running = None
+            return_free_heap_memory()     # what the question freed goes back now, not never (memory.py)
 
     def _finish(self, job: Job, cancelled: bool = False) -> None:
         """Under the lock: end a job and forget the oldest finished ones beyond `keep_finished`."""
