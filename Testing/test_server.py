@@ -344,7 +344,7 @@ def test_a_missing_parent_pid_is_refused(model_dir, tmp_path):
     assert run.returncode == 2 and "no such process is running" in run.stderr
 
 
-def test_every_request_needs_the_token(server):
+def test_every_request_needs_the_token(server, model_dir):
     anonymous = Client(server.client.url)
     for call in (anonymous.health, anonymous.model_card, lambda: anonymous.status("j1")):
         with pytest.raises(ServerError) as refused:
@@ -353,7 +353,9 @@ def test_every_request_needs_the_token(server):
     with pytest.raises(ServerError, match="401"):
         Client(server.client.url, "y" * 43).health()
     assert server.client.health()["status"] == "ok"
-    assert server.client.model_card()["card"]["preset"] == "tiny"
+    card = server.client.model_card()
+    assert card["card"]["preset"] == "tiny"
+    assert str(model_dir.parent) not in json.dumps(card) and card["model"] == model_dir.name   # no server path shown
 
 
 def test_a_non_loopback_bind_without_a_token_refuses_to_start(model_dir, tmp_path):

@@ -255,7 +255,8 @@ def create_app(settings: ServeSettings, token: str | None = None, max_upload_byt
 
         folder = Path(settings.model_dir) if settings.model_dir else default_model_path()
         config = R1Seg3DConfig.load(folder)
-        return {"model_dir": str(folder), "card": config.card, "text": card_text(config), "state": host.state,
+        # The folder's name only: a client has no use for the server's file system, and should not learn it.
+        return {"model": folder.name, "card": config.card, "text": card_text(config), "state": host.state,
                 "placeholder": bool(config.card.get("untrained")), **host.model_info()}
 
     @app.post("/volumes", status_code=201)
