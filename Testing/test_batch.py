@@ -92,7 +92,7 @@ def test_list_file_and_questions_file(shared_ct, tiny_model, tmp_path, capsys):
                     reason="this machine has an Apple-silicon GPU")
 def test_mps_asked_for_without_one_is_a_clear_refusal():
     from r1seg_core.errors import InvalidInputError
-    from r1seg_core.inference.predictor import resolve_device
+    from r1seg_core.inference.devices import resolve_device
 
     with pytest.raises(InvalidInputError, match="'mps' was asked for"):
         resolve_device("mps")

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from r1seg_core.inference import Predictor
-from r1seg_core.inference.predictor import resolve_device, resolve_dtype
+from r1seg_core.inference.devices import resolve_device, resolve_dtype
 from r1seg_core.model import build_model, preset_config
 from r1seg_core import sample_ct_path
 from r1seg_core.volume import Volume, read_volume, write_labelmap
