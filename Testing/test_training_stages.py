@@ -307,3 +307,27 @@ def test_calibration_picks_the_presence_volume_with_fewest_errors():
     # (geometric mean of 60 and 80) misses the 50 mL organ; one error each, and the lower volume is kept.
     threshold, errors = best_threshold(rows([(0.0, False), (60.0, False), (50.0, True), (80.0, True)]))
     assert errors == 1 and threshold == pytest.approx(25.0)
+
+
+def test_calibration_chooses_one_volume_or_one_per_structure_by_slabs_left_out():
+    """The form is chosen on the training slabs alone: per structure only where it misclassifies fewer slabs that
+    were left out of its fit; a tie keeps one volume. Volumes by hand (geometric means of the gap's two ends)."""
+    import math
+
+    from training.calibrate import fit_presence
+
+    def rows(structure, pairs):
+        return [{"structure": structure, "marked_ml": marked, "present": present} for marked, present in pairs]
+
+    # The aorta's present slabs (1, 2 mL) lie below the liver's absent one (10 mL): no one volume separates them.
+    apart = rows("liver", [(0.0, False), (10.0, False), (50.0, True), (80.0, True)]) + rows(
+        "aorta", [(0.1, False), (0.2, False), (1.0, True), (2.0, True)])
+    fitted = fit_presence(apart)
+    assert fitted["leave_one_out_errors"]["per structure"] == 0 < fitted["leave_one_out_errors"]["one volume"]
+    assert fitted["form"] == "per structure" and fitted["misclassified"] == 0
+    assert fitted["presence_min_ml"] == {"liver": round(math.sqrt(10 * 50), 2), "aorta": round(math.sqrt(0.2 * 1), 2)}
+    # Both forms make no error on a slab left out: one volume, halfway from 0 to 40 mL.
+    alike = rows("liver", [(0.0, False), (50.0, True)]) + rows("spleen", [(0.0, False), (40.0, True)])
+    fitted = fit_presence(alike)
+    assert fitted["leave_one_out_errors"] == {"one volume": 0, "per structure": 0}
+    assert fitted["form"] == "one volume" and fitted["presence_min_ml"] == pytest.approx(20.0)

@@ -9,11 +9,13 @@ the data list, cut into `--slabs` axial slabs (so organs that lie outside a slab
 scanned body, and each slab's encoding serves all its questions), records the volume the decoder marked, and
 writes into the model's config.json:
 - `known_structures`: the recipe's stage-1 targets, the only structures the model was trained to segment;
-- `presence_min_ml`: per structure, the volume that misclassifies the fewest of its slabs (the midpoint, in log
-  volume, of the gap it falls in; the lowest of equally good ones). Per structure, because organs differ by two
-  orders of magnitude (a slab's aorta holds 20 mL, its liver 700 mL); a structure never seen absent gets the
-  lowest volume that keeps all its present slabs.
-The observations are kept in calibration.json beside config.json, for the model card.
+- `presence_min_ml`: the volume that misclassifies the fewest slabs (the midpoint, in log volume, of the gap it
+  falls in; the lowest of equally good ones), either one for all structures or one per structure. Organs differ by
+  two orders of magnitude (a slab's aorta holds 20 mL, its liver 700 mL), but a structure has only a few slabs to
+  fit its own volume on; so the form is chosen on the training slabs too: the one that misclassifies fewer slabs
+  when each slab is left out of the fit in turn (ties: one volume). The held-out patient chooses nothing here.
+The observations, and both forms' leave-one-out errors, are kept in calibration.json beside config.json, for the
+model card. `--refit` fits again from a model's kept observations, without asking the model.
 """
 from __future__ import annotations
 
@@ -81,27 +83,58 @@ def best_threshold(rows: list[dict]) -> tuple[float, int]:
     return float(min(t for t in candidates if errors(t) == fewest)), fewest
 
 
-def calibrate(recipe_dir: Path, model_dir: Path, data_list: Path, slab_count: int) -> dict:
-    from r1seg_core.inference.predictor import Predictor
+def fit_per_structure(rows: list[dict]) -> tuple[dict[str, float], int]:
+    """One volume per structure seen in `rows`, and the errors they make together."""
+    thresholds, errors = {}, 0
+    for name in dict.fromkeys(row["structure"] for row in rows):
+        threshold, wrong = best_threshold([row for row in rows if row["structure"] == name])
+        thresholds[name] = round(threshold, 2)
+        errors += wrong
+    return thresholds, errors
 
+
+def leave_one_out_errors(rows: list[dict], per_structure: bool) -> int:
+    """Slabs misclassified by a volume fitted without them: how each form does on a slab it has not seen."""
+    errors = 0
+    for index, row in enumerate(rows):
+        others = [other for position, other in enumerate(rows) if position != index]
+        same = [other for other in others if other["structure"] == row["structure"]]
+        # A structure's only slab left out: the volume of all the others stands in for its own.
+        threshold = round(best_threshold(same)[0], 2) if per_structure and same else best_threshold(others)[0]
+        errors += (row["marked_ml"] >= threshold) != row["present"]
+    return errors
+
+
+def fit_presence(rows: list[dict]) -> dict:
+    """`presence_min_ml` in the form that misclassifies fewer training slabs left out of its fit, and the record."""
+    loo = {"one volume": leave_one_out_errors(rows, False), "per structure": leave_one_out_errors(rows, True)}
+    if loo["per structure"] < loo["one volume"]:
+        presence, errors, form = *fit_per_structure(rows), "per structure"
+    else:
+        threshold, errors = best_threshold(rows)
+        presence, form = round(threshold, 2), "one volume"
+    return {"presence_min_ml": presence, "form": form, "leave_one_out_errors": loo, "misclassified": errors}
+
+
+def calibrate(recipe_dir: Path, model_dir: Path, data_list: Path, slab_count: int, refit: bool = False) -> dict:
     structures = list(load_recipe(recipe_dir).stages[1].crops.targets)
     config_path = model_dir / CONFIG_NAME
     config = json.loads(config_path.read_text())
-    # The observations need the decoder's raw volumes: no presence volume while measuring.
-    config.update(known_structures=structures, presence_min_ml=None)
-    config_path.write_text(json.dumps(config, indent=1))
-    rows = observe(Predictor(model_dir), data_list, structures, slab_count)
-    thresholds, errors = {}, 0
-    for name in structures:
-        mine = [row for row in rows if row["structure"] == name]
-        if mine:
-            threshold, wrong = best_threshold(mine)
-            thresholds[name] = round(threshold, 2)
-            errors += wrong
-    config["presence_min_ml"] = thresholds
-    config_path.write_text(json.dumps(config, indent=1))
-    record = {"data_list": str(data_list), "slabs": slab_count, "presence_min_ml": thresholds,
-              "misclassified": errors, "observations": rows}
+    if refit:
+        kept = json.loads((model_dir / "calibration.json").read_text())
+        data_list, slab_count, rows = kept["data_list"], kept["slabs"], kept["observations"]
+    else:
+        from r1seg_core.inference.predictor import Predictor
+
+        predictor = Predictor(model_dir)
+        # The observations need the decoder's raw volumes: no presence volume while measuring (set in memory
+        # only, so a failed run leaves config.json as it was).
+        predictor.model.config.known_structures, predictor.model.config.presence_min_ml = structures, None
+        rows = observe(predictor, data_list, structures, slab_count)
+    fitted = fit_presence(rows)
+    config.update(known_structures=structures, presence_min_ml=fitted["presence_min_ml"])
+    config_path.write_text(json.dumps(config, indent=1) + "\n")
+    record = {"data_list": str(data_list), "slabs": slab_count, **fitted, "observations": rows}
     (model_dir / "calibration.json").write_text(json.dumps(record, indent=1))
     return record
 
@@ -113,10 +146,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-list", type=Path, help="training CTs with labels (default: the recipe's "
                                                        "calibration.json)")
     parser.add_argument("--slabs", type=int, default=3, help="axial slabs per CT (1: the whole CT)")
+    parser.add_argument("--refit", action="store_true", help="fit again from the model's calibration.json "
+                                                             "observations, without asking the model")
     args = parser.parse_args(argv)
-    record = calibrate(args.recipe, args.model, args.data_list or args.recipe / "calibration.json", args.slabs)
-    print(f"[calibrate] presence_min_ml {record['presence_min_ml']} (mL), {record['misclassified']} of "
-          f"{len(record['observations'])} (structure, slab) pairs misclassified; written to {args.model / CONFIG_NAME}")
+    record = calibrate(args.recipe, args.model, args.data_list or args.recipe / "calibration.json", args.slabs,
+                       args.refit)
+    print(f"[calibrate] presence_min_ml {record['presence_min_ml']} (mL, {record['form']}; leave-one-out errors "
+          f"{record['leave_one_out_errors']}), {record['misclassified']} of {len(record['observations'])} "
+          f"(structure, slab) pairs misclassified; written to {args.model / CONFIG_NAME}")
     return 0
 
 
