@@ -279,8 +279,7 @@ class R1Seg3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.initializeParameterNode()
         self.refreshModelCard()
         self.refresh()
-        # Listing the models starts the engine's Python (about 2 s): after the panel is drawn.
-        qt.QTimer.singleShot(0, self.refreshModelChoices)
+        self.refreshModelChoices()
 
     def cleanup(self) -> None:
         self.pollTimer.stop()
@@ -361,8 +360,7 @@ class R1Seg3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def refreshModelChoices(self) -> None:
         """List the registry's models that answer questions, each with its installed state."""
         try:
-            with slicer.util.WaitCursor():
-                self._modelChoices = self.logic.modelChoices()
+            self._modelChoices = self.logic.modelChoices()
         except model_picker.ModelListError as error:  # no engine yet: the picker says why, the folder setting works
             logging.warning("R1Seg3D could not list the models: %s", error)
             self._modelChoices = []

@@ -320,7 +320,7 @@ def run_one(arguments, ask, mrml_scene, volumes_logic, stdout) -> int:
 def run_list(arguments, ask, mrml_scene, volumes_logic, stdout, stderr) -> int:
     """Every question about every CT of --list, into --output-dir: `r1seg batch`'s list reader, question reader and
     results table (resume included); one model load for the whole run."""
-    from r1seg_core.batch import ERROR, ResultsTable, find_cases, read_questions
+    from r1seg_core.batch import ERROR, ResultsTable, error_rows, find_cases, read_questions
     from r1seg_core.errors import InvalidInputError
 
     try:
@@ -352,8 +352,7 @@ def run_list(arguments, ask, mrml_scene, volumes_logic, stdout, stderr) -> int:
                                     base, started)
             except BatchError as error:   # this answer fails, the run goes on
                 errors += 1
-                rows = [dict(base, target="", status=ERROR, volume_ml="", voxel_count="",
-                             seconds=round(time.monotonic() - started, 2), output="", answer="", error=str(error))]
+                rows = error_rows(base, round(time.monotonic() - started, 2), error)
             table.replace(case, question_id, rows)
             print(f"[R1Seg3D] {case.case_id} {question_id}: " + ", ".join(
                 f"{row['target']} {row['status']}" if row["status"] != ERROR else f"error: {row['error']}" for row in rows),

@@ -9,14 +9,14 @@ each answer, so a stopped run loses at most the answer in progress; the next run
 from __future__ import annotations
 
 import csv
-import os
+import io
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import InvalidInputError, R1SegError
+from .files import write_atomically
 
 RESULTS_NAME = "results.csv"
 COLUMNS = ("case", "ct", "question_id", "question", "target", "status", "volume_ml", "voxel_count", "seconds",
@@ -89,17 +89,19 @@ class ResultsTable:
 
     def replace(self, case: Case, question_id: str, rows: list[dict]) -> None:
         self.rows = [r for r in self.rows if not (r["case"] == case.case_id and r["question_id"] == question_id)] + rows
-        handle, temporary = tempfile.mkstemp(dir=self.path.parent, prefix=".tmp-", suffix=".csv")
-        with os.fdopen(handle, "w", newline="", encoding="utf-8") as stream:
-            writer = csv.DictWriter(stream, fieldnames=COLUMNS)
-            writer.writeheader()
-            writer.writerows(self.rows)
-        os.replace(temporary, self.path)
+        table = io.StringIO()
+        writer = csv.DictWriter(table, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(self.rows)
+        write_atomically(self.path, lambda stream: stream.write(table.getvalue().encode("utf-8")))
 
 
 def run_batch(args) -> int:
+    from .answer_output import quiet_libraries
+    from .cli import load_predictor
     from .volume import read_volume
 
+    quiet_libraries()
     out = Path(args.out)
     cases = find_cases(Path(args.input))
     questions = read_questions(args.question, args.questions_file)
@@ -122,7 +124,7 @@ def run_batch(args) -> int:
                     volume_error = error
             if volume_error is not None:
                 raise volume_error
-            predictor = predictor or _load_predictor(args)
+            predictor = predictor or load_predictor(args)
             result = predictor.ask(volume, question, overlap=args.overlap, loops=args.loops,
                                    window_batch=args.window_batch, sliding_window=not args.no_sliding_window)
             output = Path(case.case_id) / f"{question_id}.{args.format}"
@@ -137,8 +139,7 @@ def run_batch(args) -> int:
         except (R1SegError, RuntimeError, ValueError, OSError) as error:   # this answer fails, the run goes on
             errors += 1
             seconds = round(time.perf_counter() - start, 2)
-            rows = [dict(base, target="", status=ERROR, volume_ml="", voxel_count="", seconds=seconds, output="",
-                         answer="", error=str(error))]
+            rows = error_rows(base, seconds, error)
             line = f"error: {error}"
         table.replace(case, question_id, rows)
         print(f"[{number}/{len(todo)}] {case.case_id} {question_id}: {line} ({seconds:.1f} s)", file=sys.stderr)
@@ -157,15 +158,17 @@ def answer_rows(answered: dict, targets: list[tuple[str, str, float, int]]) -> l
             for name, status, volume_ml, voxels in targets]
 
 
-def _load_predictor(args):
-    from . import default_model_path
-    from .inference import Predictor
-
-    return Predictor(Path(args.model) if args.model else default_model_path(), device=args.device, dtype=args.dtype,
-                     profile=args.profile)
+def error_rows(base: dict, seconds: float, error: BaseException) -> list[dict]:
+    """The one row of an answer that failed: the run goes on, and the next run retries it."""
+    return [dict(base, target="", status=ERROR, volume_ml="", voxel_count="", seconds=seconds, output="", answer="",
+                 error=str(error))]
 
 
-def register(subparsers) -> None:
+# The model and window options of `r1seg ask`: the same argparse actions, so the two never drift apart.
+SHARES_ASK_OPTIONS = ("model", "device", "dtype", "profile", "overlap", "loops", "window_batch", "no_sliding_window")
+
+
+def register(subparsers, ask) -> None:
     batch = subparsers.add_parser(
         "batch", help="answer questions about many CTs: one model load, results.csv, resumable",
         description="Ask every question about every CT with one model load. Writes OUT/<case>/<question id>.<format> "
@@ -178,12 +181,7 @@ def register(subparsers) -> None:
     batch.add_argument("--questions-file", help="a text file with one question per line")
     batch.add_argument("--out", required=True, help="output folder (an existing one is resumed)")
     batch.add_argument("--format", choices=FORMATS, default="seg.nrrd", help="mask file format (default seg.nrrd)")
-    batch.add_argument("--model", help="model folder or name from `r1seg models` (default: the bundled default model)")
-    batch.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda or mps")
-    batch.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto")
-    batch.add_argument("--profile", choices=("auto", "project", "original"), default="auto")
-    batch.add_argument("--overlap", type=float, default=None, help="window overlap in [0, 1) (default: the profile's)")
-    batch.add_argument("--loops", type=int, default=None, help="refinement loops 0-3 (default: the model's)")
-    batch.add_argument("--window-batch", type=int, default=None, help="windows per batch")
-    batch.add_argument("--no-sliding-window", action="store_true", help="each CT resized to one window")
+    for action in ask._actions:
+        if action.dest in SHARES_ASK_OPTIONS:
+            batch._add_action(action)
     batch.set_defaults(handler=run_batch)

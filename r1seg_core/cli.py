@@ -7,7 +7,6 @@ Outputs are written only when the whole answer is ready, each atomically.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -82,17 +81,17 @@ def load_predictor(args):
 def _first_use_note(model_dir: Path) -> None:
     """The one slow load: a packaged GGUF base LLM not yet dequantised into the cache (its progress bar is hidden)."""
     from .config import R1Seg3DConfig
-    from .model.packaged import dequantised_folder
+    from .model.packaged import cached_dequantised, dequantised_folder
 
     try:
         language_model = R1Seg3DConfig.load(model_dir).language_model
     except R1SegError:
         return                                  # the load itself reports what is wrong with the folder
     spec = language_model.package if language_model is not None else None
-    cached = dequantised_folder(spec) if spec and str(spec.get("file", "")).endswith(".gguf") else None
-    if cached is not None and not (cached / "config.json").is_file():
+    target = dequantised_folder(spec) if spec and str(spec.get("file", "")).endswith(".gguf") else None
+    if target is not None and cached_dequantised(spec) is None:
         print(f"note: first use of the base language model: it is dequantised once (seconds to a minute) and kept "
-              f"in {shown_path(cached.parent.parent)}", file=sys.stderr)
+              f"in {shown_path(target.parent.parent)}", file=sys.stderr)
 
 
 def open_conversation(path, volume):
@@ -306,8 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("ct", help="CT file (.nii/.nii.gz/.nrrd/.mha) or DICOM series folder")
     ask.add_argument("question", help='e.g. "segment the liver"')
     ask.add_argument("-o", "--output", help="labelmap to write: .seg.nrrd (Slicer segmentation), .nrrd or .nii.gz")
-    ask.add_argument("--model", help="model folder (default: the bundled default model)")
-    ask.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
+    ask.add_argument("--model", help="model folder or name from `r1seg models` (default: the bundled default model)")
+    ask.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda or mps")
     ask.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
                      help="weights and activations: auto is bfloat16 on a GPU, float32 on a CPU; bfloat16 halves a CPU's memory use")
     ask.add_argument("--overlap", type=float, default=None,
@@ -399,7 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .registry.command import register as register_models
     register_models(commands)
     from .batch import register as register_batch
-    register_batch(commands)
+    register_batch(commands, ask)
     return parser
 
 

@@ -13,14 +13,13 @@ work instead.
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from .errors import InvalidInputError
+from .files import write_atomically
 
 SUFFIX = ".dcm"
 REQUIRED_UIDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID", "FrameOfReferenceUID")
@@ -81,11 +80,12 @@ def source_series(ct: str | Path) -> SourceSeries:
 def _slices_in_volume_order(series: SourceSeries, volume) -> list:
     """The source dataset of each z slice of `volume`, matched by position (the volume may be one of several series)."""
     step = volume.direction @ np.array([0.0, 0.0, volume.spacing[2]])
+    positions = np.array([[float(v) for v in d.ImagePositionPatient] for d in series.datasets])   # read once
     by_slice = []
     for z in range(volume.array.shape[0]):
         position = np.asarray(volume.origin) + z * step
-        match = [d for d in series.datasets
-                 if np.allclose([float(v) for v in d.ImagePositionPatient], position, atol=POSITION_TOLERANCE_MM)]
+        at_position = np.isclose(positions, position, atol=POSITION_TOLERANCE_MM).all(axis=1)
+        match = [series.datasets[index] for index in np.flatnonzero(at_position)]
         if len(match) != 1 or (match[0].Rows, match[0].Columns) != volume.array.shape[1:]:
             raise InvalidInputError(f"{series.folder}: slice {z} of the CT read has {len(match)} DICOM images at its "
                                     "position; the folder mixes series or sizes, so put the one series in a folder of its own")
@@ -141,19 +141,7 @@ def write_dicom_seg(result, volume, series: SourceSeries, path: str | Path, mode
     for item, modifier in zip(seg.SegmentSequence, modifiers):
         if modifier is not None:   # highdicom's SegmentDescription has no parameter for it
             item.SegmentedPropertyTypeModifierCodeSequence = [_coded(modifier)]
-    return _save_atomically(seg, Path(path))
-
-
-def _save_atomically(dataset, path: Path) -> Path:
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=SUFFIX)
-    os.close(handle)
-    try:
-        dataset.save_as(temporary, enforce_file_format=True)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-    return path
+    return write_atomically(path, lambda stream: seg.save_as(stream, enforce_file_format=True))
 
 
 def report_dicom_seg(result, volume, series: SourceSeries, path: str, predictor) -> str | None:

@@ -52,7 +52,7 @@ def observe(predictor, data_list: Path, structures: list[str], slab_count: int) 
     rows = []
     for case in read_data_list(data_list).cases:
         volume, masks, _ = load_case(case)      # label values without a class name are not used
-        voxel_ml = float(np.prod(volume.spacing)) / 1000.0
+        voxel_ml = volume.voxel_volume_ml
         for part, image, labels in slabs(volume, masks, slab_count):
             for name in structures:
                 if name not in case.annotated:

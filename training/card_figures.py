@@ -79,7 +79,7 @@ def sample_ct_liver(model: Path) -> dict:
     result = predictor.ask(ct, "Segment the liver.")
     seconds = time.monotonic() - started
     liver = next(t for t in result.targets if t.name == "liver")
-    voxel_ml = float(np.prod(ct.spacing)) / 1000.0
+    voxel_ml = ct.voxel_volume_ml
     lowest = int(np.nonzero(label.any((1, 2)))[0].min())
     mask = liver.mask.astype(bool)
     return {"status": liver.status, "predicted_ml": round(float(mask.sum()) * voxel_ml, 1),

@@ -8,7 +8,8 @@
 # held-out cases; the questions ask about the recipe's trained organs, plus the evaluation's out-of-region set.
 set -euo pipefail
 RUN="$1" REPORTS="$2" RECIPE="${3:-training/recipes/default-smollm2}"
-TARGETS="liver,spleen,stomach,pancreas,aorta,inferior vena cava,left kidney,right kidney,gallbladder,heart,urinary bladder,esophagus"
+# The organs the recipe trains (stage 1's crops.targets), as training/calibrate.py reads them.
+TARGETS=$(python3 -c 'import sys; from training.recipe import load_recipe; print(",".join(load_recipe(sys.argv[1]).stages[1].crops.targets))' "$RECIPE")
 for STAGE in 1 2 3 4; do
     if [ "$STAGE" = 4 ]; then MODEL="$RUN/final"; else MODEL="$RUN/stage$STAGE/model"; fi
     [ -f "$MODEL/config.json" ] || { echo "[evaluate_stages] stage $STAGE: no model at $MODEL, skipped"; continue; }

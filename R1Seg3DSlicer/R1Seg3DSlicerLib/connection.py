@@ -25,9 +25,7 @@ from r1seg_core.server.client import Client, ServerError
 
 from .i18n import tr as _
 
-API_VERSION = 2
-API_HEADER = "X-R1Seg3D-API"
-ERROR_VERSION_MISMATCH = "version_mismatch"
+API_VERSION, API_HEADER, ERROR_VERSION_MISMATCH = protocol.API_VERSION, protocol.API_HEADER, protocol.ERROR_VERSION
 HTTP_CONFLICT, HTTP_TOO_LARGE = 409, 413
 
 
@@ -76,18 +74,12 @@ def check_server_url(url: str, allow_insecure: bool) -> None:
 
 
 class _ContractHandler(urllib.request.BaseHandler):
-    """Adds the API header to every request and turns the contract's refusals into their own errors."""
+    """Turns the contract's refusals into their own errors (r1seg_core's client sends the API header itself)."""
 
     handler_order = 999   # before urllib's HTTPErrorProcessor (1000), which would make them plain HTTPErrors
 
     def __init__(self, url: str):
         self._url = url
-
-    def http_request(self, request):
-        request.add_unredirected_header(API_HEADER, str(API_VERSION))
-        return request
-
-    https_request = http_request
 
     def http_response(self, request, response):
         if response.status not in (HTTP_CONFLICT, HTTP_TOO_LARGE):

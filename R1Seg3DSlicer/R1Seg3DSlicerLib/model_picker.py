@@ -1,13 +1,12 @@
 """The panel's model picker: the registry's models that answer questions, what each needs, and its download.
 
-The list is the engine's registry as `r1seg models --json` prints it, so the panel and the command line always
-agree on names, folders, sizes and licences. Both it and the download run OUT of Slicer's process, with the
-engine's Python (the one the server runs with): the list is then the registry of the engine that will load the
-model, with its cache settings, even before the set-up has put that engine on Slicer's own path; and a download
-must not block or crash Slicer. The
-download (`r1seg models get NAME --progress-json`) writes its JSON lines to a file the panel reads from a timer
-(no thread: Slicer's main thread starves Python threads, issue #13). Cancel ends the whole process tree (process_tree.py); the bytes already downloaded stay, and
-the next Download resumes them. Every failure is the command's own one-line message. No Qt here.
+The list is the engine's registry as `r1seg models --json` gives it (`models_json`, read in Slicer's process: it
+needs neither torch nor the network), so the panel and the command line always agree on names, folders, sizes and
+licences. The download runs OUT of Slicer's process, with the engine's Python (the one the server runs with), so
+that it cannot block or crash Slicer: `r1seg models get NAME --progress-json` writes its JSON lines to a file the
+panel reads from a timer (no thread: Slicer's main thread starves Python threads, issue #13). Cancel ends the whole
+process tree (process_tree.py); the bytes already downloaded stay, and the next Download resumes them. Every
+failure is the command's own one-line message. No Qt here.
 """
 from __future__ import annotations
 
@@ -51,10 +50,6 @@ class ModelChoice:
         return "" if self.bundled else self.folder
 
 
-# Listing starts the engine's Python and reads the registry: about 2 s; more on a cold disk.
-LIST_TIMEOUT_S = 120.0
-
-
 class ModelListError(RuntimeError):
     """The engine could not list its models; the message says why."""
 
@@ -74,18 +69,18 @@ def command_message(output: str) -> str:
     return errors[-1] if errors else "\n".join(output.strip().splitlines()[-4:])
 
 
-def model_choices(python: str | None = None, environment: dict | None = None) -> list[ModelChoice]:
-    """The registry's models that answer questions, in its order, with their installed state now."""
-    command, environment = engine_command(["models", "--json"], python, environment)
+def model_choices() -> list[ModelChoice]:
+    """The registry's models that answer questions, in its order, with their installed state now (read in
+    Slicer's process: the registry needs neither torch nor the network, and takes milliseconds)."""
     try:
-        done = subprocess.run(command, capture_output=True, text=True, env=environment, timeout=LIST_TIMEOUT_S,
-                              stdin=subprocess.DEVNULL)
-        listing = json.loads(done.stdout) if done.returncode == 0 else None
-    except (OSError, subprocess.TimeoutExpired, ValueError) as error:
+        from r1seg_core.errors import R1SegError
+        from r1seg_core.registry.command import models_json
+    except ImportError as error:
         raise ModelListError(_("The R1Seg3D engine could not list its models: {error}").format(error=error)) from error
-    if listing is None:
-        raise ModelListError(_("The R1Seg3D engine could not list its models: {cause}").format(
-            cause=command_message(done.stderr) or _("exit code {code}").format(code=done.returncode)))
+    try:
+        listing = models_json()
+    except (R1SegError, OSError, ValueError) as error:
+        raise ModelListError(_("The R1Seg3D engine could not list its models: {error}").format(error=error)) from error
     return [ModelChoice(item["name"], item["title"], bool(item["installed"]), item["folder"], bool(item["bundled"]),
                         item["download"], item["memory"], item["licence"], item.get("note", ""))
             for item in listing["models"] if item["answers"]]

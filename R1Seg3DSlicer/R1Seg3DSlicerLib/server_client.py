@@ -187,20 +187,11 @@ class ServerQuestion:
         return self._progress(0, 0, _("Sent to the server"))
 
     def _upload(self, nrrd: bytes) -> str:
-        """The CT's id on the server. A server that drops the connection while it receives the CT, yet still
-        answers, refused the upload (a server that closes before reading a too-large body looks like this): that is
-        UploadTooLarge, not a dead server, so no new server is started for it."""
+        """The CT's id on the server. A CT the server refuses as too large (r1seg_core's client tells that from a
+        dead server, also when the server drops the connection mid-upload) is UploadTooLarge, so no new server is
+        started for it."""
         try:
             return self._client.upload(nrrd)
-        except ServerUnreachable:
-            try:
-                self._client.health()
-            except ServerError:
-                raise   # it does not answer at all: unreachable indeed
-            raise UploadTooLarge(_("The R1Seg3D server at {url} closed the connection while receiving the CT"
-                                   " ({megabytes:.0f} MB) but still answers: it most likely refused it as larger than"
-                                   " it accepts.").format(url=self._client.url, megabytes=len(nrrd) / 2**20),
-                                 413) from None
         except ServerError as error:
             if error.status != 413 or isinstance(error, UploadTooLarge):
                 raise

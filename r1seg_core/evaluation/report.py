@@ -17,14 +17,13 @@ from __future__ import annotations
 import csv
 import io
 import math
-import os
 import platform
-import secrets
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
+from ..files import write_atomically
 from .metrics import SCORES
 from .questions import ABSENT_KINDS
 
@@ -41,12 +40,9 @@ OVERALL = "Overall"
 
 # ---- rows on disk -------------------------------------------------------------------------------------------
 
-def write_atomically(path: Path, text: str) -> Path:
+def write_text_atomically(path: Path, text: str) -> Path:
     """Readers (and a second shard merging at the same moment) see the old file or the new one, never half."""
-    temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.partial")
-    temporary.write_text(text)
-    os.replace(temporary, path)
-    return path
+    return write_atomically(path, lambda stream: stream.write(text.encode("utf-8")))
 
 
 def write_rows(path: Path, rows: list[dict]) -> None:
@@ -54,7 +50,7 @@ def write_rows(path: Path, rows: list[dict]) -> None:
     writer = csv.DictWriter(stream, FIELDS, extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
-    write_atomically(path, stream.getvalue())
+    write_text_atomically(path, stream.getvalue())
 
 
 def _parsed(row: dict) -> dict:
@@ -274,7 +270,7 @@ def write_report(out: Path, rows: list[dict], identity: dict, machines: list[dic
         "\n## Definitions\n\n", DEFINITIONS,
         "\n## Plots\n\n", _images(plots),
     ]
-    return write_atomically(out / "report.md", "".join(sections))
+    return write_text_atomically(out / "report.md", "".join(sections))
 
 
 # ---- two runs -------------------------------------------------------------------------------------------------
@@ -316,4 +312,4 @@ def write_comparison(out: Path, runs, plots: list[Path]) -> Path:
         "\n## Target presence (Table 3)\n\n", _side_by_side(runs, presence_table),
         "\n## Definitions\n\n", DEFINITIONS, "\n## Plots\n\n", _images(plots),
     ]
-    return write_atomically(out / "compare.md", "".join(sections))
+    return write_text_atomically(out / "compare.md", "".join(sections))

@@ -8,14 +8,13 @@ Plain Python and NumPy: importing it does not import torch.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import InvalidInputError
+from ..files import write_atomically
 from .fingerprint import ct_fingerprint
 
 # Older turns are dropped from the prompt first: the LLM's context also has to hold the visual tokens.
@@ -121,8 +120,8 @@ class Conversation:
                 "turns": [{"question": t.question, "answer": t.answer, "shown": t.shown, "targets": t.targets,
                            "results": t.results} for t in self.turns],
                 "stored": stored}
-        _write_atomically(masks_path(path), lambda stream: np.savez_compressed(stream, **masks))
-        _write_atomically(path, lambda stream: stream.write(json.dumps(data, indent=2).encode()))
+        write_atomically(masks_path(path), lambda stream: np.savez_compressed(stream, **masks))
+        write_atomically(path, lambda stream: stream.write(json.dumps(data, indent=2).encode()))
         return path
 
     @classmethod
@@ -165,15 +164,3 @@ def masks_path(path: str | Path) -> Path:
     """Where a conversation file's masks are: `chat.json` -> `chat.masks.npz`."""
     path = Path(path)
     return path.with_name(path.name.removesuffix(".json") + MASKS_SUFFIX)
-
-
-def _write_atomically(path: Path, write) -> None:
-    """A crash never leaves half a file."""
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            write(stream)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise

@@ -2,13 +2,12 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from ..files import write_atomically
 from ..volume import Volume, write_labelmap
 from .decision import ABSENT, NOT_TRAINED, PRESENT, Decision
 
@@ -110,9 +109,4 @@ class AnswerResult:
 
     def write_json(self, path: str | Path) -> Path:
         """Atomic, like the labelmap: a crash never leaves half a file."""
-        path = Path(path)
-        handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
-        with os.fdopen(handle, "w") as stream:
-            json.dump(self.to_dict(), stream, indent=2)
-        os.replace(temporary, path)
-        return path
+        return write_atomically(path, lambda stream: stream.write(json.dumps(self.to_dict(), indent=2).encode()))

@@ -48,10 +48,10 @@ def _pretrained_config(config: LanguageModelConfig, folder: Path, arguments: dic
     from transformers import AutoConfig
 
     if "gguf_file" in arguments:
-        from .packaged import dequantised_folder
+        from .packaged import cached_dequantised
 
-        cached = dequantised_folder(config.package)
-        if cached is not None and (cached / "config.json").is_file():
+        cached = cached_dequantised(config.package)
+        if cached is not None:
             try:
                 return AutoConfig.from_pretrained(cached, local_files_only=True)
             except (OSError, ValueError):

@@ -76,21 +76,28 @@ def dequantised_folder(spec: dict) -> Path | None:
     return cache_folder() / "base-models" / spec["sha256"] if spec.get("sha256") else None
 
 
+def cached_dequantised(spec: dict) -> Path | None:
+    """The cache's dequantised copy of a packaged GGUF file, when a complete one is there (its folder appears whole,
+    config.json included, by one rename)."""
+    cached = dequantised_folder(spec)
+    return cached if cached is not None and (cached / "config.json").is_file() else None
+
+
 def dequantised_gguf(spec: dict, folder: Path, arguments: dict, dtype):
     """The causal LM of a packaged GGUF file. Dequantising takes about 20 s on a laptop CPU, so the result is kept
     as a safetensors folder keyed by the file's SHA-256 and read from there (about 1 s) next time. A cache that
     cannot be written or read is skipped: the GGUF file stays the source of truth."""
     from transformers import AutoModelForCausalLM
 
-    cached = dequantised_folder(spec)
-    if cached is not None and (cached / "config.json").is_file():
+    cached = cached_dequantised(spec)
+    if cached is not None:
         try:
             return AutoModelForCausalLM.from_pretrained(cached, local_files_only=True, dtype=dtype)
         except (OSError, ValueError, RuntimeError):
             shutil.rmtree(cached, ignore_errors=True)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **arguments)
-    if cached is not None:
-        _keep(model, cached)
+    if dequantised_folder(spec) is not None:
+        _keep(model, dequantised_folder(spec))
     return model
 
 

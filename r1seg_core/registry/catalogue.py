@@ -54,9 +54,6 @@ class ModelEntry:
     def installed(self) -> bool:
         return self.bundled or (self.folder / RECORD_NAME).is_file()
 
-    def source(self, role: str) -> Source:
-        return next(source for source in self.sources if source.role == role)
-
 
 def models_folder() -> Path:
     return cache_folder() / "models"

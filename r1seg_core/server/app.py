@@ -18,7 +18,6 @@ Security, in the order a request meets it (see README "Server"):
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import gc
 import hmac
 import json
@@ -215,7 +214,9 @@ def create_app(settings: ServeSettings, token: str | None = None, max_upload_byt
         return _error(500, protocol.ERROR_INTERNAL, f"unexpected server error ({type(error).__name__}); the server log has the details")
 
     def job_or_404(request: Request, job_id: str):
-        job, position = queue.get(job_id, _owner(request))
+        return found_or_404(job_id, *queue.get(job_id, _owner(request)))
+
+    def found_or_404(job_id: str, job, position=None):
         if job is None:
             raise RequestError(404, protocol.ERROR_NOT_FOUND, f"no job {job_id[:80]!r} of this client (finished jobs "
                                f"are kept only for the last {settings.keep_finished} questions)")
@@ -269,7 +270,8 @@ def create_app(settings: ServeSettings, token: str | None = None, max_upload_byt
                                "try again in a moment") from None
         try:
             data = await _read_body(request, max_upload_bytes)
-            key = protocol.volume_id(data)
+            # Hashing a large upload off the event loop too, so /health and the event streams keep answering.
+            key = await run_in_threadpool(protocol.volume_id, data)
             volume = await run_in_threadpool(_read_ct, data, max_ct_bytes)
         except protocol.TooLargeError as error:
             raise RequestError(413, protocol.ERROR_TOO_LARGE, str(error)) from None
@@ -390,8 +392,7 @@ def create_app(settings: ServeSettings, token: str | None = None, max_upload_byt
     @app.post("/jobs/{job_id}/cancel")
     async def cancel(request: Request, job_id: str):
         await _read_json(request)
-        job_or_404(request, job_id)
-        job = queue.cancel(job_id, _owner(request))
+        job, _ = found_or_404(job_id, queue.cancel(job_id, _owner(request)))
         return {"job_id": job_id, "state": job.state}
 
     @app.get("/jobs/{job_id}/result")
@@ -438,7 +439,7 @@ def _read_ct(data: bytes, max_ct_bytes: int):
 
     volume = volume_from_nrrd_bytes(data, name="uploaded CT", max_decoded_bytes=max_ct_bytes)
     # Stored across questions: in the heap it would keep the questions' freed buffers resident (memory.py).
-    return dataclasses.replace(volume, array=mapped_copy(volume.array))
+    return volume.with_array(mapped_copy(volume.array))
 
 
 def _labelmap_bytes(labels, reference, names, colors, suffix: str) -> bytes:

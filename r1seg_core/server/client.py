@@ -7,10 +7,8 @@ timer for the Slicer panel), so no thread of the caller ever blocks on inference
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.parse
@@ -19,6 +17,7 @@ from pathlib import Path
 
 from .. import __version__
 from ..errors import InvalidInputError, R1SegError
+from ..files import write_atomically
 from . import protocol
 
 # Short requests (status, cancel) must never hang a GUI; uploads and masks of a large CT may take a while.
@@ -208,13 +207,6 @@ def client_from_arguments(url: str, token_file: str | None) -> Client:
     return Client(url, protocol.read_token(token_file) if token_file else None)
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-    with os.fdopen(handle, "wb") as stream:
-        stream.write(data)
-    os.replace(temporary, path)
-
-
 def labelmap_format(path: Path) -> str:
     name = path.name.lower()
     for format, suffix in protocol.LABELMAP_FORMATS.items():
@@ -249,9 +241,10 @@ def ask_command(args, progress=None) -> int:
     result = client.result(job["job_id"])
     print_answer(result)
     if args.output:
-        _write_atomically(Path(args.output), client.labelmap(job["job_id"], output_format))
+        labelmap = client.labelmap(job["job_id"], output_format)
+        write_atomically(args.output, lambda stream: stream.write(labelmap))
     if args.json:
         answer = {key: value for key, value in result.items() if key not in ("job_id", "volume_id")}
-        _write_atomically(Path(args.json), json.dumps(answer, indent=2).encode())
+        write_atomically(args.json, lambda stream: stream.write(json.dumps(answer, indent=2).encode()))
     print_outputs(args, result)
     return 0

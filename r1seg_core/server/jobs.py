@@ -218,7 +218,7 @@ class Job:
 def geometry_only(volume: Volume) -> Volume:
     """The CT's grid without its voxels (a zero-stride view of one value): enough to write masks on its grid."""
     placeholder = np.broadcast_to(np.zeros((), dtype=volume.array.dtype), volume.shape)
-    return Volume(placeholder, volume.spacing, volume.origin, volume.direction, volume.name)
+    return volume.with_array(placeholder)
 
 
 _UNLOAD = object()
@@ -311,7 +311,7 @@ class JobQueue:
     def unload(self, timeout: float) -> bool:
         """Cancel every job, then free the model on the worker (where nothing else holds it); True when done."""
         with self._lock:
-            for job in list(self._waiting):
+            for job in self._waiting_jobs():   # not an earlier unload's marker, still queued if it timed out
                 job.cancel.set()
                 self._finish(job, cancelled=True)
             self._waiting.clear()

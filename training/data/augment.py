@@ -91,8 +91,8 @@ def augment(image: np.ndarray, masks: np.ndarray | None, target_names: list[str]
             hu_window: tuple[float, float] = (-1000.0, 1000.0)) -> tuple[np.ndarray, np.ndarray | None]:
     """image (D, H, W) and masks (K, D, H, W) -> the same, augmented alike.
 
-    `structures` (name -> boolean mask of every labelled structure in the crop) and `hu_window` (the HU range the
-    image's [0, 1] covers) drive the contrast-phase augmentation.
+    `structures` (name -> boolean mask of every labelled structure in the crop) drives the contrast-phase
+    augmentation; `hu_window` (the HU range the image's [0, 1] covers) sizes it and the noise in HU.
     """
     from monai.utils import convert_to_numpy
 

@@ -74,7 +74,8 @@ def _explicit_question(rng: random.Random, target: str, settings: QuestionSettin
     names = [target]
     if settings.instructions:
         names += instructions()["synonyms"].get(target, [])
-    said = target if rng.random() < 0.7 else rng.choice(names)
+    # Drawn only with synonyms to choose from, so recipes without them draw the same questions as before.
+    said = target if not settings.instructions or rng.random() < 0.7 else rng.choice(names)
     return rng.choice(prompting.EXPLICIT_QUESTIONS + (prompting.PER_TARGET_QUESTION,)).format(target=said)
 
 

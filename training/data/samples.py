@@ -20,6 +20,7 @@ import torch
 
 from r1seg_core import prompting
 from r1seg_core.errors import InvalidInputError
+from r1seg_core.preprocess import PreprocessConfig
 
 from ..recipe import StageConfig
 from .augment import augment
@@ -164,10 +165,12 @@ class StageSamples(torch.utils.data.Dataset):
             masks = np.zeros((len(targets), *self.window), dtype=np.uint8) if targets else None
         else:
             masks = np.stack([crop.mask(name) for name in targets]).astype(np.uint8) if targets else None
-        settings, phase = self.config.augment, {}
+        settings = self.config.augment
+        # The noise is sized on the source's HU window too, so the window goes along whatever else is on.
+        window = PreprocessConfig.from_dict(source.preprocess)      # its defaults where the index names none
+        phase = {"hu_window": (window.hu_min, window.hu_max)}
         if settings.contrast_phase_prob > 0:
-            phase = {"structures": crop.structure_masks(),
-                     "hu_window": (source.preprocess["hu_min"], source.preprocess["hu_max"])}
+            phase["structures"] = crop.structure_masks()
         image, masks = augment(crop.image, masks, about, settings, int(rng.integers(2 ** 31)), **phase)
         if masks is None:
             masks = np.zeros((0, *self.window), dtype=np.uint8)
