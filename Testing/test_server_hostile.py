@@ -588,6 +588,7 @@ def test_health_carries_the_version_and_a_missing_api_header_is_served(alive):
     assert status == 200
     status, reply, _ = exchange(alive, http_bytes(alive, "GET", "/health", headers=["X-R1Seg3D-API: 3"]))
     assert status == 409 and reply["error"] == "version_mismatch"
+    assert (reply["version"], reply["api"]) == (r1seg_core.__version__, 2)
     assert reply["message"].startswith(f"client protocol 3, server protocol 2 (r1seg3d {r1seg_core.__version__}): update")
 
 

@@ -137,7 +137,8 @@ def _owner(request: Request) -> str:
 def version_mismatch(client_api: str) -> JSONResponse:
     message = (f"client protocol {client_api}, server protocol {protocol.API_VERSION} (r1seg3d {__version__}): update "
                "R1Seg3D on the side with the older protocol, so that the client and the server speak the same one")
-    return _error(409, protocol.ERROR_VERSION, message, message=message)
+    # The server's own version and protocol too, so that a client can name both (the Slicer panel does).
+    return _error(409, protocol.ERROR_VERSION, message, message=message, version=__version__, api=protocol.API_VERSION)
 
 
 def create_app(settings: ServeSettings, token: str | None = None, max_upload_bytes: int = protocol.DEFAULT_MAX_UPLOAD_MB << 20,
