@@ -126,8 +126,9 @@ class WindowStitcher:
 
     def result(self) -> torch.Tensor:
         """The weighted average (D, H, W); voxels that no window covered get the background value."""
-        covered = self._weight_sum > 0
-        return torch.where(covered, self._weighted_sum / torch.where(covered, self._weight_sum, 1.0), self.background)
+        # One volume-sized float allocation, not four: where no window counted, 0 / 0 gives NaN, then the background.
+        average = self._weighted_sum / self._weight_sum
+        return average.masked_fill_(self._weight_sum == 0, self.background)
 
     def _region(self, start: Start) -> tuple[slice, slice, slice]:
         if len(start) != 3 or any(
