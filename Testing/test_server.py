@@ -542,8 +542,9 @@ def drive(logic, deadline: float, idle) -> list:
     return events
 
 
-# A starved worker takes 20-30x the direct time (reviews/slicer.md section 1.3); 2x leaves room for a loaded machine.
-STARVATION_FACTOR = 2.0
+# A starved worker takes 20-30x the direct time (reviews/slicer.md section 1.3); 4x leaves room for a loaded machine
+# (2x failed once while another suite ran on the same 2 cores).
+STARVATION_FACTOR = 4.0
 
 
 def test_panel_questions_are_not_starved_by_a_main_thread_holding_the_gil(slicer_module, ct_nodes, direct, model_dir):
@@ -599,19 +600,22 @@ def test_a_server_killed_mid_answer_leaves_the_scene_alone_and_the_next_question
     from R1Seg3DSlicerLib import events as panel_events
 
     headless, nodes = ct_nodes
-    options = engine.AskOptions(model_dir=str(slow_llm_model_dir), device="cpu")
+    # The sample CT at overlap 0.75 (the server's limit): over a second of windows, so the kill lands mid-answer. (The
+    # panel asks for constrained answers, which score the question in milliseconds whatever the answer's length.)
+    options = engine.AskOptions(model_dir=str(slow_llm_model_dir), device="cpu", overlap=0.75)
     logic = slicer_module.R1Seg3DSlicerLogic()
     try:
-        logic.startQuestion(nodes["small"], QUESTION, options)
+        logic.startQuestion(nodes["sample"], QUESTION, options)
         deadline = time.monotonic() + 90
         events = []
-        while not any(isinstance(e, panel_events.ProgressEvent) and e.stage == "Answering" for e in events):
+        while not any(isinstance(e, panel_events.ProgressEvent) and e.stage in ("Answering", "Segmenting")
+                      for e in events):
             assert time.monotonic() < deadline and not any(isinstance(e, panel_events.TERMINAL_EVENTS) for e in events), events
             time.sleep(0.05)
             events += logic.pollEvents()
         first_pid = logic.servers.server.server_pid
         os.kill(first_pid, signal.SIGKILL)
-        events = drive(logic, time.monotonic() + 10, time.sleep)
+        events = drive(logic, time.monotonic() + 60, time.sleep)     # ends at the failure; 60 s for a loaded machine
         assert isinstance(events[-1], panel_events.FailedEvent)
         message = engine.describe_error(events[-1].error)
         assert "stopped while answering" in message and "Nothing was added to the scene" in message

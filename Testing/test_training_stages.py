@@ -192,8 +192,10 @@ def test_resume_after_kill_matches_the_uninterrupted_run(trained, tmp_path):
     assert f"resumed from step {killed_at} of {STEPS}" in second.stdout
     resumed, uninterrupted = weights(output / "stage3" / "model"), weights(run / "stage3" / "model")
     assert resumed.keys() == uninterrupted.keys()
+    # atol 1e-5: on a loaded 2-core machine one value in 65,792 once differed by 1.8e-6 (the CPU's reduction order);
+    # a step lost or repeated on resume moves Adam's weights by about the learning rate, 1e-3.
     for key in resumed:
-        np.testing.assert_allclose(resumed[key], uninterrupted[key], rtol=1e-5, atol=1e-6, err_msg=key)
+        np.testing.assert_allclose(resumed[key], uninterrupted[key], rtol=1e-5, atol=1e-5, err_msg=key)
     curve = losses(output, 3)
     assert len(curve) == STEPS and np.allclose(curve, losses(run, 3), rtol=1e-5)
     # The validation windows are fixed, so the resumed run's final validation scores the same.
