@@ -74,25 +74,33 @@ class ResultsTable:
 
     def __init__(self, out: Path):
         self.path = out / RESULTS_NAME
-        self.rows: list[dict] = []
+        # The rows of each (case, question id), in the order they were answered: one lookup per pair, not a scan.
+        self.answers: dict[tuple[str, str], list[dict]] = {}
         if self.path.is_file():
             with open(self.path, newline="", encoding="utf-8") as stream:
                 reader = csv.DictReader(stream)
                 if tuple(reader.fieldnames or ()) != COLUMNS:
                     raise InvalidInputError(f"{self.path} is not a results table of r1seg batch (columns "
                                             f"{reader.fieldnames}); choose another --out")
-                self.rows = list(reader)
+                for row in reader:
+                    self.answers.setdefault((row["case"], row["question_id"]), []).append(row)
+
+    @property
+    def row_count(self) -> int:
+        return sum(len(rows) for rows in self.answers.values())
 
     def done(self, case: Case, question_id: str, out: Path) -> bool:
-        rows = [r for r in self.rows if r["case"] == case.case_id and r["question_id"] == question_id]
+        rows = self.answers.get((case.case_id, question_id), [])
         return bool(rows) and all(r["status"] != ERROR and (out / r["output"]).is_file() for r in rows)
 
     def replace(self, case: Case, question_id: str, rows: list[dict]) -> None:
-        self.rows = [r for r in self.rows if not (r["case"] == case.case_id and r["question_id"] == question_id)] + rows
+        self.answers.pop((case.case_id, question_id), None)    # a retried answer moves to the end, as it ran last
+        self.answers[(case.case_id, question_id)] = rows
         table = io.StringIO()
         writer = csv.DictWriter(table, fieldnames=COLUMNS)
         writer.writeheader()
-        writer.writerows(self.rows)
+        for rows_of_answer in self.answers.values():
+            writer.writerows(rows_of_answer)
         write_atomically(self.path, lambda stream: stream.write(table.getvalue().encode("utf-8")))
 
 
@@ -143,7 +151,7 @@ def run_batch(args) -> int:
             line = f"error: {error}"
         table.replace(case, question_id, rows)
         print(f"[{number}/{len(todo)}] {case.case_id} {question_id}: {line} ({seconds:.1f} s)", file=sys.stderr)
-    print(f"wrote {table.path} ({len(table.rows)} rows; {errors} errors in this run)")
+    print(f"wrote {table.path} ({table.row_count} rows; {errors} errors in this run)")
     return 0
 
 

@@ -223,7 +223,7 @@ def check_outputs(args) -> None:
 
 def command_info(args) -> int:
     from .config import R1Seg3DConfig
-    from .model.checkpoint import model_card
+    from .model_card import model_card
 
     folder = Path(args.model)
     config = R1Seg3DConfig.load(folder)

@@ -1,9 +1,9 @@
 """The model's card as the panel shows it: name, licence, the card's text, and the caveat where it applies.
 
-A local model's card is read from its folder (config.json's `card`, and MODEL_CARD.md when the folder has
-one), without loading the model; a remote server's comes from its `GET /model`. The caveat "demonstration
-model, not for clinical use" is shown whenever the card says so (the default model's does), or the weights
-are an untrained placeholder. Standard library only.
+A local model's card is read from its folder by the engine's torch-free `r1seg_core.model_card` (config.json's
+`card`, and MODEL_CARD.md or README.md), without loading the model; a remote server's comes from its `GET /model`.
+The caveat "demonstration model, not for clinical use" is shown whenever the card says so (the default model's
+does), or the weights are an untrained placeholder.
 """
 from __future__ import annotations
 
@@ -11,9 +11,10 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from r1seg_core.model_card import card_heading, read_card
+
 from .i18n import tr as _
 
-CARD_FILE = "MODEL_CARD.md"
 # Phrases by which a card marks a model that must not be used on patients.
 _NOT_CLINICAL_MARKS = ("not for clinical use", "demonstration model", "untrained placeholder")
 
@@ -36,17 +37,9 @@ def _caveat(card: dict, text: str) -> str:
     return ""
 
 
-def _card_text(card: dict) -> str:
-    """A card written from config.json's fields, for a folder without MODEL_CARD.md."""
-    lines = [f"# {card.get('name', _('R1Seg3D model'))}", ""]
-    lines += [f"- {key.replace('_', ' ')}: {card[key]}" for key in ("description", "source", "trained_on", "licence")
-              if card.get(key)]
-    return "\n".join(lines) + "\n"
-
-
 def make_card(card: dict, text: str, source: str) -> ModelCard:
     card = card if isinstance(card, dict) else {}
-    text = text or _card_text(card)
+    text = text or "\n".join(card_heading(card)) + "\n"
     return ModelCard(str(card.get("name") or _("R1Seg3D model")), str(card.get("licence") or _("not stated in its card")),
                      text, _caveat(card, text), source)
 
@@ -64,9 +57,8 @@ def local_model_card(model_dir: str | None) -> ModelCard:
     except (OSError, ValueError, AttributeError):
         return ModelCard(folder.name, _("unknown"), _("{folder} has no readable config.json.").format(folder=folder),
                          "", str(folder))
-    card_file = folder / CARD_FILE
-    text = card_file.read_text(encoding="utf-8", errors="replace") if card_file.is_file() else ""
-    return make_card(card, text, str(folder))
+    card = card if isinstance(card, dict) else {}
+    return make_card(card, read_card(folder, card), str(folder))
 
 
 def server_model_card(client) -> ModelCard:

@@ -21,6 +21,7 @@ class ServerSession:
         self._server_factory = server_factory   # (model_dir, device, dtype, profile) -> LocalServer
         self.server = None                      # the LocalServer this session started
         self._remote = None                     # (url, token, allow_insecure) of a remote server
+        self._remote_client_made = None         # its one client, kept: the client caches the server's limits
         self._remote_checked = False            # its version was checked
         self._question = None                   # ServerQuestion in flight
         self._start_events = []                 # what its first step reported
@@ -35,6 +36,7 @@ class ServerSession:
         remote = (url.strip(), token.strip(), bool(allow_insecure)) if url.strip() else None
         if remote != self._remote:
             self._remote = remote
+            self._remote_client_made = None
             self._remote_checked = False
             self._forget_server_state()
 
@@ -43,7 +45,9 @@ class ServerSession:
         return self._remote[0] if self._remote is not None else None
 
     def _remote_client(self) -> connection.PanelClient:
-        return connection.remote_client(*self._remote)
+        if self._remote_client_made is None:
+            self._remote_client_made = connection.remote_client(*self._remote)
+        return self._remote_client_made
 
     def _local_server(self, options):
         """The local server for these settings: the running one, or a fresh one after ending the old tree."""

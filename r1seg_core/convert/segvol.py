@@ -16,7 +16,7 @@ import torch
 
 from ..config import EncoderConfig
 from ..errors import CheckpointError
-from ..model.checkpoint import CARD_NAME
+from ..model_card import WRITTEN_CARD_NAME, card_heading
 
 ENCODER_WEIGHTS = "image_encoder.safetensors"
 ENCODER_CONFIG = "encoder.json"
@@ -31,11 +31,10 @@ def write_encoder_start_point(folder: Path, state: dict[str, torch.Tensor], enco
     tensors = {k[len(ENCODER_PREFIX):]: v.contiguous() for k, v in state.items()}
     save_file(tensors, str(folder / ENCODER_WEIGHTS), metadata={"format": "pt"})
     (folder / ENCODER_CONFIG).write_text(json.dumps({"encoder": dataclasses.asdict(encoder), "card": card}, indent=2) + "\n")
-    lines = [f"# {card['name']}", "", card["description"], ""]
-    lines += [f"- {key.replace('_', ' ')}: {card[key]}" for key in ("source", "source_commit", "converted_on", "licence") if card.get(key)]
+    lines = card_heading(card)
     lines.append(f"- encoder: window {tuple(encoder.image_size)}, patch {tuple(encoder.patch_size)}, hidden {encoder.hidden_size}, "
                  f"depth {encoder.depth}, heads {encoder.num_heads}, MLP {encoder.mlp_dim}")
-    (folder / CARD_NAME).write_text("\n".join(lines) + "\n")
+    (folder / WRITTEN_CARD_NAME).write_text("\n".join(lines) + "\n")
     return folder
 
 

@@ -13,12 +13,12 @@ import torch
 
 from ..config import R1Seg3DConfig
 from ..errors import CheckpointError
+from ..model_card import WRITTEN_CARD_NAME, model_card
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 ADAPTER_DIR = "adapter"
 TEXT_TOKENIZER_DIR = "text_tokenizer"
-CARD_NAME = "README.md"
 LLM_PREFIX = "language_model.llm."
 # HF config fields that describe the run, not the architecture.
 _VOLATILE_HF_KEYS = {"architectures", "transformers_version", "_name_or_path", "torch_dtype", "dtype", "output_attentions",
@@ -78,7 +78,7 @@ def save_model(model, folder: Path, merge_lora: bool = True, max_shard_bytes: in
         model.text_tokenizer.save_pretrained(folder / TEXT_TOKENIZER_DIR)
     _write_weights(state, folder, max_shard_bytes, save_file)
     config.save(folder)
-    (folder / CARD_NAME).write_text(model_card(config))
+    (folder / WRITTEN_CARD_NAME).write_text(model_card(config))
     return folder
 
 
@@ -98,7 +98,7 @@ def _save_llm_delta(model, folder: Path, rank: int) -> dict[str, torch.Tensor]:
     # The embeddings are the base's plus the rows kept in model.safetensors: PEFT must not copy the whole matrix.
     adapter_from_factors(base, factors, rank).save_pretrained(folder / ADAPTER_DIR, save_embedding_layers=False)
     # PEFT's template model card names this machine's package folder and says nothing; the folder's card is README.md.
-    (folder / ADAPTER_DIR / CARD_NAME).unlink(missing_ok=True)
+    (folder / ADAPTER_DIR / WRITTEN_CARD_NAME).unlink(missing_ok=True)
     return added_rows(model.language_model.causal_lm, token_ids)
 
 
@@ -256,30 +256,3 @@ def _load_adapter(model, adapter: Path) -> None:
         raise CheckpointError(f"the LoRA adapter in {adapter} could not be loaded: {error}") from error
 
 
-def model_card(config: R1Seg3DConfig) -> str:
-    card = config.card
-    enc = config.encoder
-    lines = [f"# {card.get('name', 'R1Seg3D model')}", ""]
-    if card.get("untrained"):
-        lines += ["**Untrained placeholder**: random weights. It runs the whole pipeline, but its masks mean nothing.", ""]
-    for key in ("description", "source", "source_commit", "converted_on", "trained_on", "licence"):
-        if card.get(key):
-            lines.append(f"- {key.replace('_', ' ')}: {card[key]}")
-    lines += [f"- window (D,H,W): {tuple(enc.image_size)}, patch {tuple(enc.patch_size)}",
-              f"- encoder: hidden {enc.hidden_size}, depth {enc.depth}, heads {enc.num_heads}",
-              f"- refinement loops: {config.refine_loops}",
-              f"- preprocessing: {config.preprocess}"]
-    if config.language_model is not None:
-        hf = config.language_model.hf_config or {}
-        lines.append(f"- language model: {hf.get('model_type', config.language_model.path)}, hidden {hf.get('hidden_size', '?')}, "
-                     f"layers {hf.get('num_hidden_layers', '?')}")
-    if config.text_encoder is not None:
-        lines.append("- SAM mode: prompted by a frozen text encoder")
-    if config.known_structures:
-        lines.append(f"- trained to segment: {', '.join(config.known_structures)} (other structures are answered "
-                     "\"not trained\")")
-    compat = config.compatibility
-    lines.append(f"- [SEG] state: {compat.seg_state} the token; several [SEG]: "
-                 f"{'averaged into one mask' if compat.average_seg_states else 'one mask each'}; "
-                 f"visual tokens placed {compat.image_insertion.replace('_', ' ')}")
-    return "\n".join(lines) + "\n"

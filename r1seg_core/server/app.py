@@ -253,12 +253,12 @@ def create_app(settings: ServeSettings, token: str | None = None, max_upload_byt
     def model_card():
         from .. import default_model_path
         from ..config import R1Seg3DConfig
-        from ..model.checkpoint import model_card as card_text
+        from ..model_card import read_card
 
         folder = Path(settings.model_dir) if settings.model_dir else default_model_path()
         config = R1Seg3DConfig.load(folder)
         # The folder's name only: a client has no use for the server's file system, and should not learn it.
-        return {"model": folder.name, "card": config.card, "text": card_text(config), "state": host.state,
+        return {"model": folder.name, "card": config.card, "text": read_card(folder, config.card), "state": host.state,
                 "placeholder": bool(config.card.get("untrained")), **host.model_info()}
 
     @app.post("/volumes", status_code=201)

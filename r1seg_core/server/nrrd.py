@@ -17,7 +17,7 @@ import SimpleITK as sitk
 
 from ..errors import InvalidInputError
 from ..volume import Volume, check_physical_size, read_volume
-from .protocol import NrrdHeader, check_nrrd
+from .protocol import NrrdHeader, check_nrrd, header_field
 
 # Inflated in steps of at most this many bytes (bounded memory for a large CT).
 _INFLATE_STEP = 16 << 20
@@ -53,8 +53,8 @@ def _write_raw_nrrd(data: bytes, header: NrrdHeader, path: Path) -> None:
     """The upload as a raw NRRD with LF line ends (ITK reads CRLF headers too, but only the first blank line may end
     one): a gzip payload is inflated to exactly its declared size, and refused if it holds more or less."""
     def is_encoding(line: str) -> bool:
-        name, _, value = line.partition(":")
-        return name.strip().lower() == "encoding" and not value.startswith("=")
+        field = header_field(line)
+        return field is not None and field[0] == "encoding"
 
     lines = ["encoding: raw" if is_encoding(line) else line for line in header.lines]
     with open(path, "wb") as stream:

@@ -193,20 +193,29 @@ def _header_lines(data: bytes) -> tuple[list[str], int | None]:
     return lines, None
 
 
+def header_field(line: str) -> tuple[str, str] | None:
+    """A NRRD header line's field name (lower case) and value; None for a comment or a `key:=value` pair, which is
+    metadata, not a field."""
+    if line.startswith("#") or ":" not in line:
+        return None
+    name, _, value = line.partition(":")
+    if value.startswith("="):
+        return None
+    return name.strip().lower(), value.strip()
+
+
 def _header_fields(lines: list[str]) -> dict[str, str]:
     fields: dict[str, str] = {}
     for line in lines[1:]:
-        if line.startswith("#") or ":" not in line:
+        found = header_field(line)
+        if found is None:
             continue
-        name, _, value = line.partition(":")
-        field = name.strip().lower()
+        field, value = found
         if field in ("data file", "datafile"):
             raise ValueError("the NRRD header points to a separate data file; send one NRRD file with its voxels attached")
-        if value.startswith("="):       # a key/value pair (`key:=value`): metadata, not a field
-            continue
         if field in _NRRD_SINGLE_FIELDS and field in fields:
             raise ValueError(f"the NRRD header has the field '{field}' twice")
-        fields[field] = value.strip()
+        fields[field] = value
     return fields
 
 
