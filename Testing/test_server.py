@@ -355,6 +355,7 @@ def test_every_request_needs_the_token(server, model_dir):
     assert server.client.health()["status"] == "ok"
     card = server.client.model_card()
     assert card["card"]["preset"] == "tiny"
+    assert card["text"] == (model_dir / "README.md").read_text()     # the card save_pretrained wrote, as written
     assert str(model_dir.parent) not in json.dumps(card) and card["model"] == model_dir.name   # no server path shown
 
 

@@ -362,6 +362,17 @@ def test_a_card_without_the_mark_has_no_caveat_and_a_placeholder_always_has_one(
     assert "no readable config.json" in missing.text
 
 
+def test_a_saved_models_card_is_the_readme_the_engine_wrote(tmp_path):
+    import subprocess
+
+    folder = tmp_path / "tiny"
+    subprocess.run([sys.executable, "-m", "r1seg_core.cli", "init-model", str(folder), "--preset", "tiny"], check=True,
+                   capture_output=True)
+    card = model_card.local_model_card(str(folder))
+    assert card.text == (folder / "README.md").read_text() and "window (D,H,W)" in card.text
+    assert card.caveat.startswith("Untrained placeholder")
+
+
 def test_a_remote_servers_card_comes_from_its_model_endpoint(contract_server):
     contract_server.replies["GET /model"] = (200, {"card": {"name": "Server model", "licence": "Apache-2.0",
                                                             "description": "not for clinical use"},
