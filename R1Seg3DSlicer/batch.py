@@ -359,7 +359,7 @@ def run_list(arguments, ask, mrml_scene, volumes_logic, stdout, stderr) -> int:
                 file=stderr)
         if volume_node is not None:
             mrml_scene.RemoveNode(volume_node)
-    print(f"wrote {table.path} ({len(table.rows)} rows; {errors} errors in this run)", file=stdout)
+    print(f"wrote {table.path} ({table.row_count} rows; {errors} errors in this run)", file=stdout)
     return EXIT_OK
 
 

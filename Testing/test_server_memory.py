@@ -64,7 +64,9 @@ def test_a_stored_ct_copy_is_not_taken_from_malloc(dtype):
     array = np.random.default_rng(0).integers(-1000, 1000, size=(64, 128, 128)).astype(dtype)
     before = malloc_in_use()
     plain = array.copy()
-    assert malloc_in_use() - before >= array.nbytes       # the measure sees a numpy copy
+    # The measure sees a numpy copy (90 %: another thread of the test process may free a little meanwhile; in a full
+    # suite run the copy once showed as 1 KiB short of its size).
+    assert malloc_in_use() - before >= 0.9 * array.nbytes
     before = malloc_in_use()
     copy = mapped_copy(array)
     assert malloc_in_use() - before < array.nbytes // 8
