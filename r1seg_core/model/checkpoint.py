@@ -254,5 +254,3 @@ def _load_adapter(model, adapter: Path) -> None:
         model.language_model.llm = PeftModel.from_pretrained(model.language_model.llm, adapter, is_trainable=False)
     except (OSError, ValueError, RuntimeError) as error:
         raise CheckpointError(f"the LoRA adapter in {adapter} could not be loaded: {error}") from error
-
-
