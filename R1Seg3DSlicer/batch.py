@@ -76,7 +76,8 @@ def parse_arguments(argv):
     parser.add_argument("--output", type=Path, help="with --input: segmentation file to write (.seg.nrrd)")
     parser.add_argument("--output-dir", type=Path,
                         help="with --list: folder for <case>/q<N>.seg.nrrd and results.csv (an existing one is resumed)")
-    parser.add_argument("--model", default=None, help="model folder (default: the project's default model)")
+    parser.add_argument("--model", default=None,
+                        help="model folder, or a name from `r1seg models` (default: the project's default model)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "gpu"], help="where the model runs")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                         help="model precision: auto is bfloat16 on a GPU, float32 on a CPU; bfloat16 halves a CPU's memory use")
@@ -199,9 +200,10 @@ def _save_segmentation(segmentation_node, path: Path) -> None:
         raise BatchError(EXIT_OUTPUT, f"Could not write the segmentation to {path}")
 
 
-def _model_folder(model):
-    """--model as `r1seg` reads it: a folder, or a model name from `r1seg models` that is installed."""
-    if model is None:
+def _model_folder(model, server):
+    """--model as `r1seg` reads it: a folder, or a model name from `r1seg models` that is installed. With --server
+    the model is the server's: nothing is resolved here."""
+    if model is None or server:
         return None
     from r1seg_core.registry import resolve_model
 
@@ -254,7 +256,7 @@ def run(arguments, predictor_factory=None, stdout=sys.stdout, stderr=sys.stderr)
     session = engine.R1SegSession(predictor_factory=predictor_factory)
     try:
         options = engine.AskOptions(
-            model_dir=_model_folder(arguments.model),
+            model_dir=_model_folder(arguments.model, arguments.server),
             device="cuda" if arguments.device == "gpu" else arguments.device,
             dtype=arguments.dtype,
             overlap=arguments.overlap,

@@ -110,5 +110,8 @@ def test_info_names_the_structures_the_model_was_trained_on(capsys):
 
     known = json.loads((default_model_path() / "config.json").read_text())["known_structures"]
     assert r1seg(["info", "default"]) == 0
-    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("- trained to segment:"))
+    out = capsys.readouterr().out
+    line = next(line for line in out.splitlines() if line.startswith("- trained to segment:"))
     assert [name.strip() for name in line.split(":", 1)[1].split("(")[0].split(",")] == known
+    # The ask command points here for the scores: the card people wrote, with them, is printed too.
+    assert (default_model_path() / "MODEL_CARD.md").read_text() in out

@@ -316,8 +316,8 @@ def test_listing_the_models_needs_no_torch():
     import subprocess
     import sys
 
-    probe = ("import sys; from r1seg_core.registry import load_registry; "
-             "print(sorted(e.name for e in load_registry().values() if e.installed), 'torch' in sys.modules)")
+    probe = ("import sys; from r1seg_core.registry.command import models_json; "     # what the panel calls
+             "print(sorted(m['name'] for m in models_json()['models'] if m['installed']), 'torch' in sys.modules)")
     output = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
                             cwd=Path(__file__).resolve().parents[1]).stdout
     assert output.strip().endswith("False"), output

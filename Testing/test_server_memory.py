@@ -1,5 +1,5 @@
 """The server's memory rules, in process: a fetched answer is held by nothing, and a stored CT lies outside malloc's
-heap (r1seg_core/server/memory.py says why; test_server_hostile.py measures the server's RSS over 12 questions)."""
+heap (r1seg_core/server/memory.py says why; test_server_hostile.py measures the server's RSS over 16 questions)."""
 import ctypes
 import gc
 import platform
@@ -74,3 +74,12 @@ def test_a_stored_ct_copy_is_not_taken_from_malloc(dtype):
     assert copy.dtype == array.dtype and copy.flags.c_contiguous and copy.flags.writeable
     assert not np.shares_memory(copy, array)
     del plain
+
+
+def test_a_copy_the_system_cannot_map_is_a_memory_error():
+    """The server answers MemoryError with its 507 "not enough memory"; mmap says ENOMEM as an OSError, which the
+    server would report as an unexpected error. 128 TiB (a broadcast view: no memory behind it) is more address space
+    than a 64-bit Linux process has."""
+    huge = np.broadcast_to(np.zeros(1, np.int16), (2 ** 46,))
+    with pytest.raises(MemoryError, match="cannot map 140737488355328 bytes"):
+        mapped_copy(huge)

@@ -22,6 +22,7 @@ pytest.importorskip("slicer", reason="needs the slicer-core wheel")
 
 import batch  # noqa: E402
 from R1Seg3DSlicerLib import scene  # noqa: E402
+from test_batch import read_rows  # noqa: E402
 
 SMALL_CT = "totalseg_example/example_ct_sm.nii.gz"
 
@@ -271,13 +272,6 @@ class DecidingPredictor:
                                  status="present" if liver else "absent")
         return SimpleNamespace(answer="Found." if liver else "Not in this scan.", present=liver, targets=[target],
                                timings={}, notes=[], device="cpu")
-
-
-def read_rows(out):
-    import csv
-
-    with open(out / "results.csv", newline="", encoding="utf-8") as stream:
-        return list(csv.DictReader(stream))
 
 
 def test_batch_list_answers_every_ct_and_question_once_and_a_second_run_skips_them(shared_ct, tmp_path):

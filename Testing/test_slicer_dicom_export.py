@@ -16,10 +16,9 @@ slicer = pytest.importorskip("slicer", reason="needs the slicer-core wheel")
 pydicom = pytest.importorskip("pydicom")
 
 from R1Seg3DSlicerLib import dicom_export, scene  # noqa: E402
+from test_slicer_scene import LIVER_CODES  # noqa: E402
 
 SERIES = "dcmqi_ct3slice/ct-3slice"
-LIVER_CODES = scene.SegmentTerminology(
-    category=scene.Code("SCT", "123037004", "Anatomical Structure"), type=scene.Code("SCT", "10200004", "Liver"))
 
 
 def box(shape, low, high):

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import InvalidInputError, R1SegError
-from .files import write_atomically
+from .files import write_text_atomically
 
 RESULTS_NAME = "results.csv"
 COLUMNS = ("case", "ct", "question_id", "question", "target", "status", "volume_ml", "voxel_count", "seconds",
@@ -101,7 +101,7 @@ class ResultsTable:
         writer.writeheader()
         for rows_of_answer in self.answers.values():
             writer.writerows(rows_of_answer)
-        write_atomically(self.path, lambda stream: stream.write(table.getvalue().encode("utf-8")))
+        write_text_atomically(self.path, table.getvalue())
 
 
 def run_batch(args) -> int:

@@ -223,12 +223,16 @@ def check_outputs(args) -> None:
 
 def command_info(args) -> int:
     from .config import R1Seg3DConfig
-    from .model_card import model_card
+    from .model_card import PEOPLES_CARD_NAME, model_card
 
     folder = Path(args.model)
     config = R1Seg3DConfig.load(folder)
     print(f"{folder}")
     print(model_card(config), end="")
+    # The card people wrote (the default model's holds its measured scores) follows the one written from config.json.
+    if (folder / PEOPLES_CARD_NAME).is_file():
+        print()
+        print((folder / PEOPLES_CARD_NAME).read_text(encoding="utf-8", errors="replace"), end="")
     return 0
 
 

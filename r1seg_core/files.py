@@ -19,3 +19,8 @@ def write_atomically(path: str | os.PathLike, write) -> Path:
         Path(temporary).unlink(missing_ok=True)
         raise
     return path
+
+
+def write_text_atomically(path: str | os.PathLike, text: str) -> Path:
+    """`text` as UTF-8 at `path`, written as write_atomically writes."""
+    return write_atomically(path, lambda stream: stream.write(text.encode("utf-8")))

@@ -9,11 +9,13 @@ the data list, cut into `--slabs` axial slabs (so organs that lie outside a slab
 scanned body, and each slab's encoding serves all its questions), records the volume the decoder marked, and
 writes into the model's config.json:
 - `known_structures`: the recipe's stage-1 targets, the only structures the model was trained to segment;
-- `presence_min_ml`: the volume that misclassifies the fewest slabs (the midpoint, in log volume, of the gap it
-  falls in; the lowest of equally good ones), either one for all structures or one per structure. Organs differ by
-  two orders of magnitude (a slab's aorta holds 20 mL, its liver 700 mL), but a structure has only a few slabs to
-  fit its own volume on; so the form is chosen on the training slabs too: the one that misclassifies fewer slabs
-  when each slab is left out of the fit in turn (ties: one volume). The held-out patient chooses nothing here.
+- `presence_min_ml`: the volume that misclassifies the fewest (structure, slab) observations (the midpoint, in log
+  volume, of the gap it falls in; the lowest of equally good ones), either one for all structures or one per
+  structure. Organs differ by two orders of magnitude (a slab's aorta holds 20 mL, its liver 700 mL), but a structure
+  has only a few slabs to fit its own volume on; so the form is chosen on the training slabs too: the one that
+  misclassifies fewer observations when each observation is left out of the fit in turn (ties: one volume). The
+  observations of one slab share its image, so this is a milder test than leaving whole slabs out. The held-out
+  patient chooses nothing here.
 The observations, and both forms' leave-one-out errors, are kept in calibration.json beside config.json, for the
 model card. `--refit` fits again from a model's kept observations, without asking the model.
 """
@@ -94,7 +96,7 @@ def fit_per_structure(rows: list[dict]) -> tuple[dict[str, float], int]:
 
 
 def leave_one_out_errors(rows: list[dict], per_structure: bool) -> int:
-    """Slabs misclassified by a volume fitted without them: how each form does on a slab it has not seen."""
+    """Observations misclassified by a volume fitted without them: how each form does on one it has not seen."""
     errors = 0
     for index, row in enumerate(rows):
         others = [other for position, other in enumerate(rows) if position != index]
@@ -106,7 +108,8 @@ def leave_one_out_errors(rows: list[dict], per_structure: bool) -> int:
 
 
 def fit_presence(rows: list[dict]) -> dict:
-    """`presence_min_ml` in the form that misclassifies fewer training slabs left out of its fit, and the record."""
+    """`presence_min_ml` in the form that misclassifies fewer training observations left out of its fit, and the
+    record."""
     loo = {"one volume": leave_one_out_errors(rows, False), "per structure": leave_one_out_errors(rows, True)}
     if loo["per structure"] < loo["one volume"]:
         presence, errors, form = *fit_per_structure(rows), "per structure"

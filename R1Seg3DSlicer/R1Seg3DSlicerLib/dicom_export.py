@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import slicer
 
 from .i18n import tr as _
-from .scene import place_in_same_study, segment_mask
+from .scene import new_segmentation_beside, segment_mask, subject_hierarchy
 
 # Set by Slicer's DICOM scalar volume plugin on a volume loaded from the DICOM database.
 INSTANCE_UIDS_ATTRIBUTE = "DICOM.instanceUIDs"
@@ -44,13 +44,9 @@ class DicomSegExport:
     instance_uids: tuple[str, ...]
 
 
-def _hierarchy(scene):
-    return slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
-
-
 def study_item(volume_node) -> int:
     """The subject-hierarchy study the volume sits in, or 0."""
-    hierarchy = _hierarchy(volume_node.GetScene())
+    hierarchy = subject_hierarchy(volume_node.GetScene())
     item = hierarchy.GetItemByDataNode(volume_node)
     parent = hierarchy.GetItemParent(item) if item else 0
     study_level = slicer.vtkMRMLSubjectHierarchyConstants.GetDICOMLevelStudy()
@@ -72,10 +68,6 @@ def check_exportable(volume_node, segmentation_node, segment_ids, file_for_insta
     the CT's DICOM files; the plugin needs them all."""
     if volume_node is None or segmentation_node is None:
         raise ExportRefused(_("Select the CT and an answer's segment to export."))
-    kept = tuple(segment_id for segment_id in segment_ids if _non_empty(segmentation_node, segment_id, volume_node))
-    if not kept:
-        raise ExportRefused(_("This answer has no segment to export: it found nothing, or its segments were deleted or"
-                              " emptied. DICOM SEG has no empty segments."))
     uids = tuple((volume_node.GetAttribute(INSTANCE_UIDS_ATTRIBUTE) or "").split())
     if not uids:
         raise ExportRefused(_("'{volume}' was not loaded from DICOM (it has no DICOM instance UIDs), and a DICOM"
@@ -85,6 +77,11 @@ def check_exportable(volume_node, segmentation_node, segment_ids, file_for_insta
         raise ExportRefused(_("'{volume}' is not in a DICOM study in the Data module's subject hierarchy, so the"
                               " segmentation would join no study. {fix}").format(volume=volume_node.GetName(),
                                                                                  fix=LOAD_FROM_DICOM))
+    # After the attribute checks: telling an empty segment resamples each segment onto the CT grid.
+    kept = tuple(segment_id for segment_id in segment_ids if _non_empty(segmentation_node, segment_id, volume_node))
+    if not kept:
+        raise ExportRefused(_("This answer has no segment to export: it found nothing, or its segments were deleted or"
+                              " emptied. DICOM SEG has no empty segments."))
     if file_for_instance is not None:
         missing = [uid for uid in uids if not file_for_instance(uid)]
         if missing:
@@ -100,11 +97,7 @@ def build_export_segmentation(export: DicomSegExport, scene, name: str, algorith
     under its transform, each tagged as made by `algorithm_name`. The caller removes it after the export."""
     volume_node = scene.GetNodeByID(export.volume_node_id)
     source = scene.GetNodeByID(export.segmentation_node_id).GetSegmentation()
-    node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", scene.GenerateUniqueName(name))
-    node.CreateDefaultDisplayNodes()
-    node.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
-    node.SetNodeReferenceID(node.GetReferenceImageGeometryReferenceRole(), volume_node.GetID())
-    node.SetAndObserveTransformNodeID(volume_node.GetTransformNodeID())
+    node = new_segmentation_beside(volume_node, name)
     copy = node.GetSegmentation()
     for segment_id in export.segment_ids:
         if not copy.CopySegmentFromSegmentation(source, segment_id):
@@ -113,5 +106,4 @@ def build_export_segmentation(export: DicomSegExport, scene, name: str, algorith
         segment = copy.GetSegment(segment_id)
         segment.SetTag(ALGORITHM_TYPE_TAG, AUTOMATIC)
         segment.SetTag(ALGORITHM_NAME_TAG, algorithm_name)
-    place_in_same_study(node, volume_node)
     return node

@@ -334,13 +334,13 @@ def find_segmentation(volume_node):
     return segmentation_node
 
 
-def _subject_hierarchy(scene):
+def subject_hierarchy(scene):
     return slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
 
 
 def place_in_same_study(node, reference_node) -> None:
     """Give `node` the subject-hierarchy parent (study) of `reference_node`."""
-    hierarchy = _subject_hierarchy(reference_node.GetScene())
+    hierarchy = subject_hierarchy(reference_node.GetScene())
     reference_item = hierarchy.GetItemByDataNode(reference_node)
     parent_item = hierarchy.GetItemParent(reference_item) if reference_item else hierarchy.GetSceneItemID()
     item = hierarchy.GetItemByDataNode(node)
@@ -358,19 +358,25 @@ def _place_beside(segmentation_node, volume_node) -> None:
     segmentation_node.SetAndObserveTransformNodeID(volume_node.GetTransformNodeID())
 
 
-def _create_segmentation(volume_node):
+def new_segmentation_beside(volume_node, name: str):
+    """A new, empty segmentation node named after `name` (made unique), on the volume's grid, in its study and under
+    its transform."""
     scene = volume_node.GetScene()
-    segmentation_node = scene.AddNewNodeByClass(
-        "vtkMRMLSegmentationNode", scene.GenerateUniqueName(volume_node.GetName() + SEGMENTATION_NAME_SUFFIX)
-    )
+    segmentation_node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", scene.GenerateUniqueName(name))
     segmentation_node.CreateDefaultDisplayNodes()
     # Reference geometry: the segments live on the CT grid, and DICOM SEG export needs the link.
     segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
     segmentation_node.SetNodeReferenceID(
         segmentation_node.GetReferenceImageGeometryReferenceRole(), volume_node.GetID()
     )
-    volume_node.SetNodeReferenceID(SEGMENTATION_REFERENCE_ROLE, segmentation_node.GetID())
     _place_beside(segmentation_node, volume_node)
+    return segmentation_node
+
+
+def _create_segmentation(volume_node):
+    """The answers' segmentation of a volume, which the volume then references."""
+    segmentation_node = new_segmentation_beside(volume_node, volume_node.GetName() + SEGMENTATION_NAME_SUFFIX)
+    volume_node.SetNodeReferenceID(SEGMENTATION_REFERENCE_ROLE, segmentation_node.GetID())
     return segmentation_node
 
 

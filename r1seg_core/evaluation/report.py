@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..files import write_atomically
+from ..files import write_text_atomically
 from .metrics import SCORES
 from .questions import ABSENT_KINDS
 
@@ -39,11 +39,6 @@ OVERALL = "Overall"
 
 
 # ---- rows on disk -------------------------------------------------------------------------------------------
-
-def write_text_atomically(path: Path, text: str) -> Path:
-    """Readers (and a second shard merging at the same moment) see the old file or the new one, never half."""
-    return write_atomically(path, lambda stream: stream.write(text.encode("utf-8")))
-
 
 def write_rows(path: Path, rows: list[dict]) -> None:
     stream = io.StringIO()

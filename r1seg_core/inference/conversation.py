@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InvalidInputError
-from ..files import write_atomically
+from ..files import write_atomically, write_text_atomically
 from .fingerprint import ct_fingerprint
 
 # Older turns are dropped from the prompt first: the LLM's context also has to hold the visual tokens.
@@ -121,7 +121,7 @@ class Conversation:
                            "results": t.results} for t in self.turns],
                 "stored": stored}
         write_atomically(masks_path(path), lambda stream: np.savez_compressed(stream, **masks))
-        write_atomically(path, lambda stream: stream.write(json.dumps(data, indent=2).encode()))
+        write_text_atomically(path, json.dumps(data, indent=2))
         return path
 
     @classmethod

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..files import write_atomically
+from ..files import write_text_atomically
 from ..volume import Volume, write_labelmap
 from .decision import ABSENT, NOT_TRAINED, PRESENT, Decision
 
@@ -109,4 +109,4 @@ class AnswerResult:
 
     def write_json(self, path: str | Path) -> Path:
         """Atomic, like the labelmap: a crash never leaves half a file."""
-        return write_atomically(path, lambda stream: stream.write(json.dumps(self.to_dict(), indent=2).encode()))
+        return write_text_atomically(path, json.dumps(self.to_dict(), indent=2))

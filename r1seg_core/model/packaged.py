@@ -96,8 +96,9 @@ def dequantised_gguf(spec: dict, folder: Path, arguments: dict, dtype):
         except (OSError, ValueError, RuntimeError):
             shutil.rmtree(cached, ignore_errors=True)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **arguments)
-    if dequantised_folder(spec) is not None:
-        _keep(model, dequantised_folder(spec))
+    target = dequantised_folder(spec)
+    if target is not None:
+        _keep(model, target)
     return model
 
 

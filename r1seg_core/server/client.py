@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .. import __version__
 from ..errors import InvalidInputError, R1SegError
-from ..files import write_atomically
+from ..files import write_atomically, write_text_atomically
 from . import protocol
 
 # Short requests (status, cancel) must never hang a GUI; uploads and masks of a large CT may take a while.
@@ -245,6 +245,6 @@ def ask_command(args, progress=None) -> int:
         write_atomically(args.output, lambda stream: stream.write(labelmap))
     if args.json:
         answer = {key: value for key, value in result.items() if key not in ("job_id", "volume_id")}
-        write_atomically(args.json, lambda stream: stream.write(json.dumps(answer, indent=2).encode()))
+        write_text_atomically(args.json, json.dumps(answer, indent=2))
     print_outputs(args, result)
     return 0

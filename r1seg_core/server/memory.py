@@ -16,6 +16,7 @@ slower questions on a CPU.
 from __future__ import annotations
 
 import ctypes
+import errno
 import mmap
 import platform
 
@@ -26,7 +27,13 @@ _GLIBC = ctypes.CDLL(None) if platform.system() == "Linux" and platform.libc_ver
 
 def mapped_copy(array: np.ndarray) -> np.ndarray:
     """A copy of `array` in an anonymous memory mapping of its own, given back to the system when the copy is freed."""
-    mapping = mmap.mmap(-1, max(1, array.nbytes))
+    try:
+        mapping = mmap.mmap(-1, max(1, array.nbytes))
+    except OSError as error:
+        if error.errno != errno.ENOMEM:
+            raise
+        # Out of memory, as a malloc'd copy would say it: callers answer MemoryError (the server: 507), not OSError.
+        raise MemoryError(f"cannot map {array.nbytes} bytes for a copy of the CT") from None
     copy = np.frombuffer(mapping, dtype=array.dtype, count=array.size).reshape(array.shape)
     copy[...] = array
     return copy

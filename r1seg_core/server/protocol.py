@@ -6,7 +6,7 @@ is ever unpickled: a body that is not NRRD is refused before any reader sees it.
 
     GET  /health                       {"status", "model": loading|ready|unloaded|failed, "busy", "queued",
                                         "version", "api", "limits", ...}
-    GET  /model                        the model card: {"model_dir", "card", "text", "placeholder", "device", ...}
+    GET  /model                        the model card: {"model" (a folder name), "card", "text", "placeholder", "device", ...}
     POST /volumes         NRRD bytes   201 {"volume_id", "shape"}; the id is the SHA-256 of the bytes
     GET  /volumes/{id}                 200 {"volume_id", "shape"} or 404 (upload it, then ask)
     DELETE /volumes/{id}               {"forgotten"}: drop the CT, its finished jobs' data and, when idle, the

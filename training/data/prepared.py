@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from r1seg_core.errors import InvalidInputError
+from r1seg_core.preprocess import PreprocessConfig
 
 INDEX_NAME = "index.json"
 CASE_NAME = "case.json"
@@ -92,6 +93,12 @@ class PreparedSource:
     @property
     def preprocess(self) -> dict:
         return self.index["preprocess"]
+
+    @cached_property
+    def hu_window(self) -> tuple[float, float]:
+        """The HU window the source's images were scaled from, read once, not per sample."""
+        config = PreprocessConfig.from_dict(self.preprocess)
+        return config.hu_min, config.hu_max
 
     def pair_count(self) -> int:
         """(case, structure) pairs with the structure present in the case."""

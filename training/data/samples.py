@@ -20,7 +20,6 @@ import torch
 
 from r1seg_core import prompting
 from r1seg_core.errors import InvalidInputError
-from r1seg_core.preprocess import PreprocessConfig
 
 from ..recipe import StageConfig
 from .augment import augment
@@ -167,8 +166,7 @@ class StageSamples(torch.utils.data.Dataset):
             masks = np.stack([crop.mask(name) for name in targets]).astype(np.uint8) if targets else None
         settings = self.config.augment
         # The noise is sized on the source's HU window too, so the window goes along whatever else is on.
-        window = PreprocessConfig.from_dict(source.preprocess)      # its defaults where the index names none
-        phase = {"hu_window": (window.hu_min, window.hu_max)}
+        phase = {"hu_window": source.hu_window}
         if settings.contrast_phase_prob > 0:
             phase["structures"] = crop.structure_masks()
         image, masks = augment(crop.image, masks, about, settings, int(rng.integers(2 ** 31)), **phase)
